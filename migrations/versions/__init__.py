@@ -1,0 +1,1 @@
+"""Migration scripts, numbered 0001, 0002, ..."""

@@ -1,0 +1,293 @@
+"""Aircall's side of the relay: the webhook envelope, the event catalogue, and an event's identity.
+
+Pure code: parsing and validating a webhook body, the dedup key and `messageId` (PRODUCT §4), the
+ordering key and the call life-cycle rank used to order events of one key (PRODUCT §6).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+# The 26 events of Segment's Aircall catalogue: the default forward list.
+SEGMENT_CATALOGUE_EVENTS: Final[tuple[str, ...]] = (
+    "number.created",
+    "number.opened",
+    "number.closed",
+    "number.deleted",
+    "contact.created",
+    "contact.updated",
+    "contact.deleted",
+    "user.created",
+    "user.opened",
+    "user.connected",
+    "user.closed",
+    "user.disconnected",
+    "user.deleted",
+    "call.created",
+    "call.answered",
+    "call.hungup",
+    "call.ended",
+    "call.assigned",
+    "call.archived",
+    "call.tagged",
+    "call.untagged",
+    "call.commented",
+    "call.transferred",
+    "call.ringing_on_agent",
+    "call.agent_declined",
+    "call.voicemail_left",
+)
+
+# Events Aircall documents beyond the Segment catalogue (see shared/reference/aircall-webhooks.md
+# §4). They are not forwarded by default, but an operator may add any of them to the forward
+# list; a skipped row says whether its event is known at all, which helps spot typos.
+NEWER_KNOWN_EVENTS: Final[tuple[str, ...]] = (
+    "call.external_transferred",
+    "call.unsuccessful_transfer",
+    "call.hold",
+    "call.unhold",
+    "call.ivr_option_selected",
+    "call.comm_assets_generated",
+    "user.wut_start",
+    "user.wut_end",
+    "user.created.v2",
+    "user.deleted.v2",
+    "user.connected.v2",
+    "user.disconnected.v2",
+    "user.opened.v2",
+    "user.closed.v2",
+    "user.wut_start.v2",
+    "user.wut_end.v2",
+    "message.sent",
+    "message.received",
+    "message.status_updated",
+    "group_message.sent",
+    "group_message.received",
+    "group_message.status_updated",
+    "transcription.created",
+    "summary.created",
+    "topics.created",
+    "sentiment.created",
+    "action_item.created",
+    "playbook_result.created",
+    "playbook_result.updated",
+    "realtime_transcription.utterances_received",
+    "custom_summary.result_created",
+    "custom_summary.result_updated",
+    "call_evaluation.created",
+    "call_evaluation.updated",
+    "ai_voice_agent.started",
+    "ai_voice_agent.ended",
+    "ai_voice_agent.escalated",
+    "ai_voice_agent.summary",
+    "analytics.report_created",
+    "analytics.report_failed",
+    "integration.deleted",
+)
+
+KNOWN_EVENTS: Final[frozenset[str]] = frozenset(SEGMENT_CATALOGUE_EVENTS + NEWER_KNOWN_EVENTS)
+
+# Tie-break between events of one key that carry the same Aircall timestamp: the order of a
+# call's life. Events not listed rank after all of these ("then the rest", PRODUCT §6).
+CALL_LIFECYCLE: Final[tuple[str, ...]] = (
+    "call.created",
+    "call.ringing_on_agent",
+    "call.agent_declined",
+    "call.answered",
+    "call.hold",
+    "call.unhold",
+    "call.transferred",
+    "call.external_transferred",
+    "call.unsuccessful_transfer",
+    "call.hungup",
+    "call.ended",
+)
+_LIFECYCLE_RANK: Final[dict[str, int]] = {event: rank for rank, event in enumerate(CALL_LIFECYCLE)}
+OTHER_EVENTS_RANK: Final[int] = len(CALL_LIFECYCLE)
+
+MESSAGE_ID_PREFIX: Final[str] = "aircall-"
+
+# Aircall's timestamp is UNIX seconds. Anything past year 9999 cannot be a real event (a
+# millisecond value would land there) and could not be stored as a date either.
+_MAX_TIMESTAMP: Final[int] = 253_402_300_799
+
+
+_SURROGATE_ESCAPE: Final[re.Pattern[bytes]] = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+class EnvelopeError(ValueError):
+    """The body is JSON but not a valid Aircall envelope; `field` names what is wrong."""
+
+    def __init__(self, field: str, detail: str) -> None:
+        super().__init__(f"{field}: {detail}")
+        self.field = field
+        self.detail = detail
+
+
+class BodyError(ValueError):
+    """The body cannot be read as one JSON object."""
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """Parse a webhook body: strict UTF-8, strict JSON (no NaN or Infinity), one object.
+
+    Integers keep every digit (Python ints are unbounded), so an id above 2**53 survives.
+    Raises BodyError with a message fit for the client.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise BodyError(f"the body is not valid UTF-8 (byte {error.start})") from None
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise BodyError("the JSON is nested too deeply") from None
+    except ValueError as error:
+        raise BodyError(f"the body is not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise BodyError(f"the body must be a JSON object, not {_json_type(value)}")
+    if _SURROGATE_ESCAPE.search(raw) is not None:
+        # JSON may spell a lone UTF-16 surrogate (\ud800) that no UTF-8 text can hold: it could
+        # be neither hashed nor stored, so the body is refused like invalid UTF-8.
+        try:
+            canonical_json(value).encode("utf-8")
+        except UnicodeEncodeError:
+            raise BodyError("the body contains a lone Unicode surrogate escape") from None
+    return value
+
+
+def _json_type(value: object) -> str:
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool):
+        return "a boolean"
+    if value is None:
+        return "null"
+    return "a number"
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A validated Aircall webhook, token removed."""
+
+    resource: str
+    event: str
+    timestamp: int
+    data: dict[str, Any]
+    payload: dict[str, Any]  # the body as received, minus `token`, key order kept
+
+    @property
+    def occurred_at(self) -> datetime:
+        return datetime.fromtimestamp(self.timestamp, tz=UTC)
+
+    @property
+    def resource_id(self) -> str | None:
+        return resource_id_of(self.data)
+
+    @property
+    def dedup_key(self) -> str:
+        return dedup_key(self.resource, self.event, self.timestamp, self.data)
+
+    @property
+    def message_id(self) -> str:
+        return message_id_for(self.dedup_key)
+
+    @property
+    def ordering_key(self) -> str:
+        return ordering_key(self.resource, self.resource_id, self.dedup_key)
+
+
+def take_token(body: dict[str, Any]) -> str | None:
+    """The body's `token` if it is a non-empty string, else None."""
+    token = body.get("token")
+    return token if isinstance(token, str) and token else None
+
+
+def validate_envelope(body: dict[str, Any]) -> Envelope:
+    """Check the envelope fields and return them with the token stripped from the payload.
+
+    Only the envelope is checked (`resource`, `event`, `timestamp`, `data`); what is inside
+    `data` is Aircall's business and is stored as it came.
+    """
+    resource = body.get("resource")
+    if not isinstance(resource, str) or not resource.strip():
+        raise EnvelopeError("resource", _expected("a non-empty string", body, "resource"))
+    event = body.get("event")
+    if not isinstance(event, str) or not event.strip():
+        raise EnvelopeError("event", _expected("a non-empty string", body, "event"))
+    if len(event) > 128 or len(resource) > 64:
+        raise EnvelopeError("event", "resource or event name is too long")
+    timestamp = body.get("timestamp")
+    if not isinstance(timestamp, int) or isinstance(timestamp, bool):
+        raise EnvelopeError("timestamp", _expected("an integer (UNIX seconds)", body, "timestamp"))
+    if not 0 <= timestamp <= _MAX_TIMESTAMP:
+        raise EnvelopeError("timestamp", f"{timestamp} is not a UNIX time in seconds")
+    data = body.get("data")
+    if not isinstance(data, dict):
+        raise EnvelopeError("data", _expected("an object", body, "data"))
+    payload = {key: value for key, value in body.items() if key != "token"}
+    return Envelope(resource=resource, event=event, timestamp=timestamp, data=data, payload=payload)
+
+
+def _expected(what: str, body: dict[str, Any], field: str) -> str:
+    if field not in body:
+        return f"missing; expected {what}"
+    return f"expected {what}, got {_json_type(body[field])}"
+
+
+def canonical_json(value: object) -> str:
+    """Sorted keys, no whitespace, UTF-8 as is: two spellings of one JSON value give one text."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def dedup_key(resource: str, event: str, timestamp: int, data: dict[str, Any]) -> str:
+    """SHA-256 (hex) of the canonical JSON of resource, event, timestamp and data (PRODUCT §4)."""
+    identity = {"resource": resource, "event": event, "timestamp": timestamp, "data": data}
+    return hashlib.sha256(canonical_json(identity).encode("utf-8")).hexdigest()
+
+
+def message_id_for(dedup_key_hex: str) -> str:
+    """Segment's messageId: stable across re-sends, 72 characters (Segment allows 100)."""
+    return MESSAGE_ID_PREFIX + dedup_key_hex
+
+
+def resource_id_of(data: dict[str, Any]) -> str | None:
+    """`data.id` as text (exact digits), or None when the resource carries no usable id."""
+    value = data.get("id")
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str) and value.strip() and len(value) <= 64:
+        return value
+    return None
+
+
+def ordering_key(resource: str, resource_id: str | None, dedup_key_hex: str) -> str:
+    """`call:1903456789`; an event without an id is a key of its own, so it never waits."""
+    if resource_id is None:
+        return f"{resource}:~{dedup_key_hex[:16]}"
+    return f"{resource}:{resource_id}"
+
+
+def lifecycle_rank(event: str) -> int:
+    """Rank of an event in a call's life, for ties on the Aircall timestamp."""
+    return _LIFECYCLE_RANK.get(event, OTHER_EVENTS_RANK)
+
+
+def skip_reason(event: str) -> str:
+    """Why an accepted event that is not in the forward list is kept but not forwarded."""
+    if event in KNOWN_EVENTS:
+        return "filtered: event not in RELAY_FORWARD_EVENTS"
+    return "unknown event: not a known Aircall event, and not in RELAY_FORWARD_EVENTS"

@@ -1,0 +1,386 @@
+"""The `aircall-relay` command, and the composition root: the only place that builds engines,
+stores and apps from settings.
+
+Exit codes: 0 success; 1 a runtime failure (database unreachable, migration failed); 2 a usage
+or configuration error (the message names the setting); 3 `check` found the relay not ready.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import asdict
+from typing import Any
+
+import anyio
+from quart import Quart
+
+from relay import __version__
+from relay.db import DatabaseError
+from relay.db.delivery import DeliveryStore
+from relay.db.engine import create_engine, is_sqlite, sqlite_path
+from relay.db.inspect import OutboxInspector
+from relay.db.migrate import head_revision, upgrade_to_head
+from relay.db.store import OutboxStore
+from relay.drainer.loop import Drainer, DrainerConfig, DrainSummary, utc_now
+from relay.drainer.retention import RetentionPolicy, run_retention
+from relay.drainer.sender import SegmentSender
+from relay.logs import configure_logging, get_logger
+from relay.outbox_cli import add_outbox_commands, run_outbox_command
+from relay.receiver.app import create_app
+from relay.receiver.serve import serve_in_process, serve_with_workers, wait_for_signal
+from relay.settings import CONFIG_FILE_ENV, Settings, SettingsError, load_settings
+from relay.testing.fake_segment_cli import add_cli_arguments as add_fake_segment_arguments
+from relay.testing.fake_segment_cli import run_from_cli as run_fake_segment
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_NOT_READY = 3
+
+log = get_logger("relay.cli")
+
+DESCRIPTION = """\
+Relay Aircall webhooks to Segment through a durable SQL outbox.
+
+Settings come from RELAY_* environment variables and an optional TOML file
+(--config, or RELAY_CONFIG_FILE); see docs/configuration.md. Secrets (Aircall
+tokens, the Segment write key) are read only from there, never from options.
+"""
+
+
+# ---------------------------------------------------------------------------------------------
+# Composition
+
+
+def build_settings(args: argparse.Namespace) -> Settings:
+    settings = load_settings(config_file=getattr(args, "config", None))
+    overrides = {
+        name: getattr(args, name, None)
+        for name in ("host", "port", "workers", "tls_certfile", "tls_keyfile")
+    }
+    return settings.with_overrides(**overrides)
+
+
+def setup_logging(settings: Settings) -> None:
+    configure_logging(settings.log_format, settings.log_level, secrets=settings.secrets())
+
+
+def build_store(settings: Settings) -> OutboxStore:
+    return OutboxStore(create_engine(settings.database_url, settings.database_timeout_seconds))
+
+
+def build_receiver_app(settings: Settings) -> Quart:
+    settings.require_tokens()
+    store = build_store(settings)
+    for event in settings.unknown_forward_events():
+        log.warning("forward_event_unknown", event=event, setting="RELAY_FORWARD_EVENTS")
+    return create_app(settings, store, head_revision(), on_shutdown=store.engine.dispose)
+
+
+def build_drainer(settings: Settings, require_write_key: bool) -> Drainer:
+    """The drainer; without a write key it runs paused (for `run`) or is refused (for `drain`)."""
+    if settings.segment_write_key is None and require_write_key:
+        raise SettingsError(
+            "RELAY_SEGMENT_WRITE_KEY: not set, so nothing could be delivered; set it to the write "
+            "key of your Segment HTTP API source"
+        )
+    engine = create_engine(settings.database_url, settings.database_timeout_seconds)
+    config = DrainerConfig.from_settings(settings)
+    sender = (
+        None
+        if settings.segment_write_key is None
+        else SegmentSender(
+            settings.segment_base_url,
+            settings.segment_write_key.reveal(),
+            timeout_seconds=settings.segment_timeout_seconds,
+            max_connections=settings.segment_concurrency,
+        )
+    )
+    return Drainer(DeliveryStore(engine), sender, config, settings.mapping_options())
+
+
+def retention_task(settings: Settings, drainer: Drainer) -> Callable[[], Coroutine[Any, Any, None]]:
+    """The retention purge, on the drainer's database (a no-op when retention is off)."""
+    policy = RetentionPolicy.from_settings(settings)
+    inspector = OutboxInspector(drainer.store.engine)
+    return functools.partial(run_retention, inspector, policy, utc_now)
+
+
+async def close_drainer(drainer: Drainer) -> None:
+    if isinstance(drainer.sender, SegmentSender):
+        await drainer.sender.close()
+    await drainer.store.engine.dispose()
+
+
+async def stop_on_signals(stop: anyio.Event, scope: anyio.CancelScope) -> None:
+    """The first SIGTERM or SIGINT stops gracefully; a second one stops at once."""
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            if stop.is_set():
+                log.warning("stopping_now", signal=signal.Signals(signum).name)
+                scope.cancel()
+                return
+            log.info("stopping", signal=signal.Signals(signum).name)
+            stop.set()
+
+
+def receiver_app_from_environment() -> Quart:
+    """Factory for Hypercorn's worker processes (settings from the inherited environment)."""
+    settings = load_settings()
+    setup_logging(settings)
+    return build_receiver_app(settings)
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+
+def command_migrate(args: argparse.Namespace) -> int:
+    settings = build_settings(args)
+    setup_logging(settings)
+    path = sqlite_path(settings.database_url) if is_sqlite(settings.database_url) else None
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    upgrade_to_head(settings.database_url)
+    log.info("migrated", revision=head_revision(), database=_describe_database(settings))
+    return EXIT_OK
+
+
+def command_serve(args: argparse.Namespace) -> int:
+    settings = build_settings(args)
+    setup_logging(settings)
+    settings.check_tls()
+    if settings.workers > 1:
+        settings.require_tokens()
+        if settings.config_file:  # the workers read their settings from the environment
+            os.environ[CONFIG_FILE_ENV] = settings.config_file
+        return serve_with_workers(settings)
+    app = build_receiver_app(settings)
+    asyncio.run(serve_in_process(app, settings, wait_for_signal))
+    log.info("stopped")
+    return EXIT_OK
+
+
+def command_drain(args: argparse.Namespace) -> int:
+    settings = build_settings(args)
+    setup_logging(settings)
+    drainer = build_drainer(settings, require_write_key=True)
+
+    async def main() -> DrainSummary:
+        stop = anyio.Event()
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(stop_on_signals, stop, group.cancel_scope)
+                if not args.once:
+                    group.start_soon(retention_task(settings, drainer))
+                summary = await drainer.run(stop, once=args.once)
+                group.cancel_scope.cancel()
+            return summary
+        finally:
+            await close_drainer(drainer)
+
+    summary = anyio.run(main)
+    if args.once:
+        print(json.dumps(asdict(summary)))
+    return EXIT_OK
+
+
+def command_run(args: argparse.Namespace) -> int:
+    """Everything in one process, for a laptop: receiver and drainer; one Ctrl-C stops both."""
+    settings = build_settings(args)
+    setup_logging(settings)
+    settings.check_tls()
+    app = build_receiver_app(settings)
+    drainer = build_drainer(settings, require_write_key=False)
+
+    async def main() -> None:
+        # Plain asyncio here: Hypercorn manages its own tasks, and the drainer (anyio) runs on
+        # the same loop as a task of its own. A drainer that fails stops the receiver too.
+        stop = anyio.Event()
+        loop = asyncio.get_running_loop()
+        drain_task = asyncio.create_task(drainer.run(stop), name="drainer")
+        drain_task.add_done_callback(lambda _: stop.set())
+        retention = asyncio.create_task(retention_task(settings, drainer)(), name="retention")
+
+        def on_signal(signum: int) -> None:
+            if stop.is_set():
+                log.warning("stopping_now", signal=signal.Signals(signum).name)
+                drain_task.cancel()
+            else:
+                log.info("stopping", signal=signal.Signals(signum).name)
+            stop.set()
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, on_signal, signum)
+        try:
+            await serve_in_process(app, settings, stop.wait)
+            stop.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(drain_task, settings.shutdown_grace_seconds + 5)
+        finally:
+            retention.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await retention
+            await close_drainer(drainer)
+
+    asyncio.run(main())
+    log.info("stopped")
+    return EXIT_OK
+
+
+def command_outbox(args: argparse.Namespace) -> int:
+    settings = build_settings(args)
+    # The command's output is on stdout (tables, JSON): logs go to stderr.
+    configure_logging(settings.log_format, "warning", settings.secrets(), stream=sys.stderr)
+    return run_outbox_command(args, settings)
+
+
+def command_demo(args: argparse.Namespace) -> int:
+    from relay.demo import run_demo
+
+    configure_logging("console", "warning")
+    return run_demo(seed=args.seed)
+
+
+def command_fake_segment(args: argparse.Namespace) -> int:
+    return run_fake_segment(args)
+
+
+def command_check(args: argparse.Namespace) -> int:
+    settings = build_settings(args)
+    setup_logging(settings)
+
+    async def inspect() -> tuple[bool, dict[str, Any]]:
+        store = build_store(settings)
+        try:
+            schema = await store.schema_state()
+        finally:
+            await store.engine.dispose()
+        expected = head_revision()
+        ready = schema.reachable and schema.revision == expected
+        return ready, {
+            "database": _describe_database(settings),
+            "reachable": schema.reachable,
+            "error": schema.error,
+            "schema_revision": schema.revision,
+            "expected_revision": expected,
+            "aircall_tokens": len(settings.aircall_tokens),
+            "segment_write_key": "set" if settings.segment_write_key else "not set",
+        }
+
+    ready, report = asyncio.run(inspect())
+    for name, value in report.items():
+        print(f"{name}: {value}")
+    print("ready" if ready else "not ready")
+    return EXIT_OK if ready else EXIT_NOT_READY
+
+
+def _describe_database(settings: Settings) -> str:
+    """The database URL without any password."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(settings.database_url).render_as_string(hide_password=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aircall-relay",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--config", metavar="FILE", help="TOML settings file (default: $RELAY_CONFIG_FILE)"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add_server_options(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--host", help="address to listen on (RELAY_HOST, default 127.0.0.1)")
+        command.add_argument(
+            "--port",
+            type=int,
+            help="port to listen on, 0 for any free one (RELAY_PORT, default 8080)",
+        )
+        command.add_argument(
+            "--tls-certfile", metavar="PEM", help="serve HTTPS with this certificate"
+        )
+        command.add_argument("--tls-keyfile", metavar="PEM", help="private key of the certificate")
+
+    serve = commands.add_parser("serve", help="run the receiver (Aircall webhooks into the outbox)")
+    add_server_options(serve)
+    serve.add_argument("--workers", type=int, help="receiver processes (RELAY_WORKERS, default 1)")
+    serve.set_defaults(handler=command_serve)
+
+    run = commands.add_parser("run", help="receiver and drainer in one process, for a laptop")
+    add_server_options(run)
+    run.set_defaults(handler=command_run)
+
+    drain = commands.add_parser(
+        "drain", help="run the drainer (the outbox to Segment); needs RELAY_SEGMENT_WRITE_KEY"
+    )
+    drain.add_argument(
+        "--once",
+        action="store_true",
+        help="deliver what is deliverable now, print a JSON summary, and exit",
+    )
+    drain.set_defaults(handler=command_drain)
+
+    fake = commands.add_parser(
+        "fake-segment",
+        help="a local fake of Segment's HTTP API, for trials (keeps what it accepts in memory)",
+    )
+    add_fake_segment_arguments(fake)
+    fake.set_defaults(handler=command_fake_segment)
+
+    demo = commands.add_parser(
+        "demo",
+        help="a first run: relay and fake Segment on free ports, the sample call posted shuffled",
+    )
+    demo.add_argument("--seed", type=int, help="seed of the shuffle (default: random)")
+    demo.set_defaults(handler=command_demo)
+
+    add_outbox_commands(commands)
+    commands.choices["outbox"].set_defaults(handler=command_outbox)
+
+    migrate = commands.add_parser("migrate", help="create or upgrade the outbox schema")
+    migrate.set_defaults(handler=command_migrate)
+
+    check = commands.add_parser(
+        "check", help="check settings, database and schema; exit 3 when not ready"
+    )
+    check.set_defaults(handler=command_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.handler(args)
+    except SettingsError as error:
+        print(f"aircall-relay: configuration error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except (DatabaseError, OSError) as error:
+        print(f"aircall-relay: database error: {type(error).__name__}: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    except BrokenPipeError:  # the output was piped into `head` or the like
+        return EXIT_OK
+    except KeyboardInterrupt:
+        return EXIT_OK
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,774 @@
+"""The drainer's statements on the outbox: claim, renew, finish, release, and the questions the
+drainer asks (calls awaiting `call.ended`, backlog).
+
+Ordering lives here, in SQL, because it must hold across processes: an event may be claimed only
+when no earlier event of its ordering key (by Aircall timestamp, then call life-cycle rank, then
+receipt id) is still pending or in flight, and no event of its key is in flight. A claim takes the
+heads of keys and, behind each head, the run of following events of the same key that are also
+deliverable now, so that one request can carry a call's settled events in order.
+
+On SQLite the claim runs in a `BEGIN IMMEDIATE` transaction (one writer at a time); on PostgreSQL
+heads are locked with `FOR UPDATE SKIP LOCKED`, so several drainers never claim the same key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import sqlite3
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Generic, TypeVar, cast
+
+import anyio
+import anyio.to_thread
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.sql import operators as sa_operators
+
+from relay.aircall import CALL_LIFECYCLE, OTHER_EVENTS_RANK
+from relay.db.engine import sqlite_writer_connector, writer
+from relay.db.tables import delivery_requests, outbox, utc_datetime
+
+Result = TypeVar("Result")
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedEvent:
+    """An outbox row claimed for delivery, with what mapping needs."""
+
+    id: int
+    message_id: str
+    resource: str
+    event: str
+    resource_id: str | None
+    ordering_key: str
+    occurred_at: datetime
+    received_at: datetime
+    payload: dict[str, Any]
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class RetryRows:
+    ids: Sequence[int]
+    next_attempt_at: datetime
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeadRows:
+    ids: Sequence[int]
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """One HTTP request to Segment, as written to `delivery_requests`."""
+
+    id: str
+    started_at: datetime
+    finished_at: datetime
+    event_count: int
+    body_bytes: int
+    outbox_ids: Sequence[int]
+    http_status: int | None
+    outcome: str
+    error: str | None
+
+    @staticmethod
+    def new_id() -> str:
+        return uuid.uuid4().hex
+
+
+@dataclass(frozen=True, slots=True)
+class FinishResult:
+    delivered: int
+    late: int
+    retried: int
+    dead: int
+    lost_lease: int
+
+
+@dataclass(frozen=True, slots=True)
+class AwaitingCallEnded:
+    ordering_key: str
+    hungup_received_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    pending: int
+    delivering: int
+    dead: int
+    oldest_pending_received_at: datetime | None
+
+
+def lifecycle_rank(event_column: Any) -> Any:
+    """SQL for `relay.aircall.lifecycle_rank`: the tie-break between events of one timestamp."""
+    return sa.case(
+        {event: rank for rank, event in enumerate(CALL_LIFECYCLE)},
+        value=event_column,
+        else_=OTHER_EVENTS_RANK,
+    )
+
+
+def precedes(first: Any, second: Any) -> Any:
+    """SQL: row `first` comes before row `second` in its key's delivery order."""
+    first_rank, second_rank = lifecycle_rank(first.c.event), lifecycle_rank(second.c.event)
+    return sa.or_(
+        first.c.occurred_at < second.c.occurred_at,
+        sa.and_(
+            first.c.occurred_at == second.c.occurred_at,
+            sa.or_(
+                first_rank < second_rank,
+                sa.and_(first_rank == second_rank, first.c.id < second.c.id),
+            ),
+        ),
+    )
+
+
+# Heads of keys read by a claim's first query; the next pages are sized on the events per head
+# seen so far (a backlog's keys carry several settled events each, live ones about one). Heads
+# are locked as they are read on PostgreSQL (SKIP LOCKED), so reading no more than the claim
+# will take leaves the other keys to another drainer claiming at the same moment.
+FIRST_HEADS_PAGE = 8
+MAX_HEADS_PAGE = 500
+# Most ids or keys in one IN list.
+CHUNK = 500
+
+# What a claim returns for the rows it claimed.
+_CLAIM_COLUMNS = (
+    outbox.c.id,
+    outbox.c.message_id,
+    outbox.c.resource,
+    outbox.c.event,
+    outbox.c.resource_id,
+    outbox.c.ordering_key,
+    outbox.c.occurred_at,
+    outbox.c.received_at,
+    outbox.c.payload,
+    outbox.c.attempts,
+)
+
+
+def _not_indexed(column: Any, dialect: str) -> Any:
+    """`column`, kept from choosing an index on SQLite (its unary `+`, the documented way).
+
+    Without statistics SQLite would read pending rows through (status, next_attempt_at), an
+    index that matches more of the heads' conditions, and then sort the whole backlog by id; the
+    claim wants (status, id), which yields the first heads in order and stops there.
+    """
+    if dialect != "sqlite":
+        return column
+    return sa.type_coerce(
+        sa.UnaryExpression(column, operator=sa_operators.custom_op("+")), column.type
+    )
+
+
+def _param(name: str, column: Any = None, expanding: bool = False) -> Any:
+    """A named bind parameter (typed like `column`, for the conversions dates need)."""
+    return sa.bindparam(name, type_=None if column is None else column.type, expanding=expanding)
+
+
+def _held_by_owner(ids_param: str = "ids") -> tuple[Any, ...]:
+    """Rows among `ids` that this owner still holds (a drainer that lost its lease changes
+    nothing)."""
+    return (
+        outbox.c.id.in_(_param(ids_param, expanding=True)),
+        outbox.c.claimed_by == _param("owner", outbox.c.claimed_by),
+        outbox.c.status == "delivering",
+    )
+
+
+if tuple(column.name for column in _CLAIM_COLUMNS) != tuple(
+    field.name for field in dataclasses.fields(ClaimedEvent)
+):  # pragma: no cover - a guard for whoever edits one and not the other
+    raise RuntimeError("_CLAIM_COLUMNS must list ClaimedEvent's fields, in order")
+
+
+class _Statements:
+    """The drainer's statements, built once per dialect with named parameters: executing the
+    same statement object again costs SQLAlchemy a cache lookup, not a construction, a cache key
+    and a compilation."""
+
+    def __init__(self, dialect: str) -> None:
+        one = sa.literal_column("1", sa.Integer())
+        self.release_expired = (
+            sa.update(outbox)
+            .where(
+                outbox.c.status == "delivering",
+                outbox.c.claimed_until < _param("now", outbox.c.claimed_until),
+            )
+            .values(status="pending", claimed_by=None, claimed_until=None)
+        )
+
+        candidate = outbox.alias("candidate")
+        other = outbox.alias("other")
+        blocked = sa.exists(
+            sa.select(one).where(
+                other.c.ordering_key == candidate.c.ordering_key,
+                other.c.id != candidate.c.id,
+                sa.or_(
+                    other.c.status == "delivering",
+                    sa.and_(other.c.status == "pending", precedes(other, candidate)),
+                ),
+            )
+        )
+        heads = (
+            sa.select(candidate.c.id, candidate.c.ordering_key)
+            .where(
+                candidate.c.status == "pending",
+                candidate.c.id > _param("after_id", outbox.c.id),
+                _not_indexed(candidate.c.next_attempt_at, dialect)
+                <= _param("now", outbox.c.next_attempt_at),
+                candidate.c.received_at <= _param("settled_before", outbox.c.received_at),
+                ~blocked,
+            )
+            .order_by(candidate.c.id)
+            .limit(sa.bindparam("limit", type_=sa.Integer()))
+        )
+        # A key's pending rows in delivery order, each saying whether it is deliverable now:
+        # what planning a run needs, and nothing to convert (no payload, no dates).
+        ready = sa.and_(
+            outbox.c.received_at <= _param("settled_before", outbox.c.received_at),
+            outbox.c.next_attempt_at <= _param("now", outbox.c.next_attempt_at),
+        )
+        pending_of_keys = (
+            sa.select(outbox.c.id, outbox.c.ordering_key, ready.label("ready"))
+            .where(
+                outbox.c.ordering_key.in_(_param("keys", expanding=True)),
+                outbox.c.status == "pending",
+            )
+            .order_by(
+                outbox.c.ordering_key,
+                outbox.c.occurred_at,
+                lifecycle_rank(outbox.c.event),
+                outbox.c.id,
+            )
+        )
+        if dialect == "postgresql":
+            heads = heads.with_for_update(skip_locked=True, of=candidate)
+            pending_of_keys = pending_of_keys.with_for_update()
+        self.heads = heads
+        self.pending_of_keys = pending_of_keys
+        self.claim = (
+            sa.update(outbox)
+            .where(outbox.c.id.in_(_param("ids", expanding=True)))
+            .values(
+                status="delivering",
+                claimed_by=_param("new_owner", outbox.c.claimed_by),
+                claimed_until=_param("lease_until", outbox.c.claimed_until),
+            )
+            .returning(*_CLAIM_COLUMNS)
+        )
+
+        self.renew = (
+            sa.update(outbox)
+            .where(*_held_by_owner())
+            .values(claimed_until=_param("lease_until", outbox.c.claimed_until))
+        )
+        self.release = (
+            sa.update(outbox)
+            .where(*_held_by_owner())
+            .values(status="pending", claimed_by=None, claimed_until=None)
+        )
+
+        self.insert_request = sa.insert(delivery_requests)
+        later = outbox.alias("later")
+        # Late: a later event of the same key was delivered before this one (by an earlier
+        # request; the rows of this request are excluded, they are delivered together in order).
+        late = sa.exists(
+            sa.select(one).where(
+                later.c.ordering_key == outbox.c.ordering_key,
+                later.c.status == "delivered",
+                later.c.id.not_in(_param("request_ids", expanding=True)),
+                precedes(outbox, later),
+            )
+        )
+        self.delivered = (
+            sa.update(outbox)
+            .where(*_held_by_owner())
+            .values(
+                status="delivered",
+                delivered_at=_param("finished_at", outbox.c.delivered_at),
+                request_id=_param("request", outbox.c.request_id),
+                attempts=outbox.c.attempts + 1,
+                last_http_status=_param("http_status", outbox.c.last_http_status),
+                last_error=None,
+                next_attempt_at=None,
+                claimed_by=None,
+                claimed_until=None,
+                late=late,
+            )
+            .returning(outbox.c.late)
+        )
+        self.retry = (
+            sa.update(outbox)
+            .where(*_held_by_owner())
+            .values(
+                status="pending",
+                attempts=outbox.c.attempts + 1,
+                next_attempt_at=_param("next_attempt_at", outbox.c.next_attempt_at),
+                last_error=_param("error", outbox.c.last_error),
+                last_http_status=_param("http_status", outbox.c.last_http_status),
+                request_id=_param("request", outbox.c.request_id),
+                claimed_by=None,
+                claimed_until=None,
+            )
+        )
+        dead_values = {
+            "status": "dead",
+            "last_error": _param("reason", outbox.c.last_error),
+            "next_attempt_at": None,
+            "claimed_by": None,
+            "claimed_until": None,
+        }
+        self.dead_unsent = sa.update(outbox).where(*_held_by_owner()).values(**dead_values)
+        self.dead = (
+            sa.update(outbox)
+            .where(*_held_by_owner())
+            .values(
+                **dead_values,
+                attempts=outbox.c.attempts + 1,
+                request_id=_param("request", outbox.c.request_id),
+                last_http_status=_param("http_status", outbox.c.last_http_status),
+            )
+        )
+
+
+class DeliveryStore:
+    """The drainer's statements. Every write is one transaction run by a plain function on a
+    synchronous connection (`_write`): on a SQLite file, in a worker thread on a connection of
+    its own, so that a claim or a finish is one round trip from the event loop instead of one
+    per statement and fetch through aiosqlite (and writes that queue meanwhile share the next
+    transaction); elsewhere, on the async engine through `run_sync`. The same statements run on
+    both."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._writer = writer(engine)
+        self.dialect = engine.dialect.name
+        self._statements = _Statements(self.dialect)
+        self._sqlite_writes: _SqliteWrites | None = None
+        self._sqlite_checked = False
+
+    async def close(self) -> None:
+        """Close the connection the writes opened for themselves, if any (they open it again
+        when needed); the engine is the caller's to dispose of."""
+        sqlite_writes, self._sqlite_writes = self._sqlite_writes, None
+        self._sqlite_checked = False
+        if sqlite_writes is not None:
+            await sqlite_writes.close()
+
+    async def _write(self, work: Callable[[sa.Connection], Result]) -> Result:
+        """Run `work` in a write transaction (BEGIN IMMEDIATE on SQLite)."""
+        if not self._sqlite_checked:
+            self._sqlite_checked = True
+            self._sqlite_writes = _SqliteWrites.for_engine(self.engine)
+        if self._sqlite_writes is not None:
+            return await self._sqlite_writes.run(work)
+        async with self._writer.begin() as connection:
+            return await connection.run_sync(work)
+
+    # -- claiming ----------------------------------------------------------------------------
+
+    async def claim(
+        self,
+        owner: str,
+        now: datetime,
+        settled_before: datetime,
+        lease_until: datetime,
+        max_events: int,
+        max_per_key: int,
+    ) -> list[ClaimedEvent]:
+        """Claim deliverable runs of keys (each at most `max_per_key` events), `max_events` in
+        all, returned in delivery order within each key, keys in order of their head's receipt.
+
+        Heads are read a page at a time, in order of receipt, and only as many pages as it takes
+        to fill `max_events`; the runs behind them are planned from a few light columns, and
+        only the rows claimed are read whole (payload included), by the claiming UPDATE itself.
+        """
+        return await self._write(
+            functools.partial(
+                self._claim,
+                owner=owner,
+                now=now,
+                settled_before=settled_before,
+                lease_until=lease_until,
+                max_events=max_events,
+                max_per_key=max_per_key,
+            )
+        )
+
+    def _claim(
+        self,
+        connection: sa.Connection,
+        *,
+        owner: str,
+        now: datetime,
+        settled_before: datetime,
+        lease_until: datetime,
+        max_events: int,
+        max_per_key: int,
+    ) -> list[ClaimedEvent]:
+        statements = self._statements
+        # Rows of a drainer that died (or lost touch) go back to pending when the lease ends.
+        connection.execute(statements.release_expired, {"now": now})
+        planned: list[int] = []
+        after = 0
+        heads_read = 0
+        while len(planned) < max_events:
+            wanted = _heads_wanted(max_events - len(planned), heads_read, len(planned))
+            heads = connection.execute(
+                statements.heads,
+                {"now": now, "settled_before": settled_before, "after_id": after, "limit": wanted},
+            ).all()
+            heads_read += len(heads)
+            if not heads:
+                break
+            keys = [row.ordering_key for row in heads]
+            by_key: dict[str, list[Any]] = {}
+            for chunk in _chunks(keys, CHUNK):
+                parameters = {"keys": chunk, "now": now, "settled_before": settled_before}
+                for row in connection.execute(statements.pending_of_keys, parameters):
+                    by_key.setdefault(row.ordering_key, []).append(row)
+            for key in keys:
+                for taken, row in enumerate(by_key.get(key, ()), start=1):
+                    if not row.ready:
+                        break  # an earlier event is not deliverable yet: the rest wait
+                    planned.append(row.id)
+                    if taken >= max_per_key or len(planned) >= max_events:
+                        break
+                if len(planned) >= max_events:
+                    break
+            if len(heads) < wanted:
+                break
+            after = heads[-1].id
+        claimed: list[ClaimedEvent] = []
+        for chunk in _chunks(planned, CHUNK):
+            result = connection.execute(
+                statements.claim, {"ids": chunk, "new_owner": owner, "lease_until": lease_until}
+            )
+            claimed.extend(_claimed(row) for row in result)
+        position = {row_id: index for index, row_id in enumerate(planned)}
+        claimed.sort(key=lambda event: position[event.id])
+        return claimed
+
+    # -- while in flight ---------------------------------------------------------------------
+
+    async def renew(self, owner: str, ids: Sequence[int], lease_until: datetime) -> int:
+        """Extend the lease of rows still held by `owner`; returns how many are still held."""
+
+        def work(connection: sa.Connection) -> int:
+            return self._update_held(
+                connection, self._statements.renew, owner, ids, {"lease_until": lease_until}
+            )
+
+        return await self._write(work)
+
+    async def release(self, owner: str, ids: Sequence[int]) -> int:
+        """Give rows back untouched (not sent): shutdown, pause, or a key run cut short."""
+        if not ids:
+            return 0
+
+        def work(connection: sa.Connection) -> int:
+            return self._update_held(connection, self._statements.release, owner, ids, {})
+
+        return await self._write(work)
+
+    async def mark_dead_unsent(self, owner: str, dead: Sequence[DeadRows]) -> int:
+        """Rows that can never be sent (they fail mapping or validation): dead, with why."""
+
+        def work(connection: sa.Connection) -> int:
+            return sum(
+                self._update_held(
+                    connection,
+                    self._statements.dead_unsent,
+                    owner,
+                    group.ids,
+                    {"reason": group.reason},
+                )
+                for group in dead
+            )
+
+        return await self._write(work)
+
+    # -- after a request ---------------------------------------------------------------------
+
+    async def finish(
+        self,
+        owner: str,
+        record: RequestRecord,
+        delivered: Sequence[int] = (),
+        retry: RetryRows | None = None,
+        dead: Sequence[DeadRows] = (),
+    ) -> FinishResult:
+        """Record one request and what it did to its rows, in one transaction."""
+        return await self._write(
+            functools.partial(
+                self._finish,
+                owner=owner,
+                record=record,
+                delivered=delivered,
+                retry=retry,
+                dead=dead,
+            )
+        )
+
+    def _finish(
+        self,
+        connection: sa.Connection,
+        *,
+        owner: str,
+        record: RequestRecord,
+        delivered: Sequence[int],
+        retry: RetryRows | None,
+        dead: Sequence[DeadRows],
+    ) -> FinishResult:
+        statements = self._statements
+        connection.execute(
+            statements.insert_request,
+            {
+                "id": record.id,
+                "drainer": owner,
+                "started_at": record.started_at,
+                "finished_at": record.finished_at,
+                "duration_ms": int((record.finished_at - record.started_at).total_seconds() * 1000),
+                "event_count": record.event_count,
+                "body_bytes": record.body_bytes,
+                "outbox_ids": list(record.outbox_ids),
+                "http_status": record.http_status,
+                "outcome": record.outcome,
+                "error": record.error,
+            },
+        )
+        delivered_count = late_count = retried = dead_count = 0
+        if delivered:
+            this_request = list(delivered)
+            for chunk in _chunks(this_request, CHUNK):
+                result = connection.execute(
+                    statements.delivered,
+                    {
+                        "ids": chunk,
+                        "owner": owner,
+                        "request_ids": this_request,
+                        "finished_at": record.finished_at,
+                        "request": record.id,
+                        "http_status": record.http_status,
+                    },
+                )
+                flags = [row.late for row in result]
+                delivered_count += len(flags)
+                late_count += sum(1 for flag in flags if flag)
+        if retry is not None and retry.ids:
+            retried = self._update_held(
+                connection,
+                statements.retry,
+                owner,
+                retry.ids,
+                {
+                    "next_attempt_at": retry.next_attempt_at,
+                    "error": retry.error,
+                    "http_status": record.http_status,
+                    "request": record.id,
+                },
+            )
+        for group in dead:
+            dead_count += self._update_held(
+                connection,
+                statements.dead,
+                owner,
+                group.ids,
+                {"reason": group.reason, "request": record.id, "http_status": record.http_status},
+            )
+        expected = len(delivered) + (len(retry.ids) if retry else 0) + sum(len(g.ids) for g in dead)
+        return FinishResult(
+            delivered=delivered_count,
+            late=late_count,
+            retried=retried,
+            dead=dead_count,
+            lost_lease=expected - delivered_count - retried - dead_count,
+        )
+
+    @staticmethod
+    def _update_held(
+        connection: sa.Connection,
+        statement: Any,
+        owner: str,
+        ids: Sequence[int],
+        parameters: dict[str, Any],
+    ) -> int:
+        """Run an UPDATE of rows still held by `owner` among `ids`; how many it changed."""
+        count = 0
+        for chunk in _chunks(list(ids), CHUNK):
+            result = connection.execute(statement, {**parameters, "ids": chunk, "owner": owner})
+            count += result.rowcount
+        return count
+
+    # -- questions ---------------------------------------------------------------------------
+
+    async def calls_awaiting_ended(self, received_before: datetime) -> list[AwaitingCallEnded]:
+        """Calls whose `call.hungup` was received before the cut-off and no `call.ended` since."""
+        ended = outbox.alias("ended")
+        statement = (
+            sa.select(outbox.c.ordering_key, sa.func.min(outbox.c.received_at).label("received_at"))
+            .where(
+                outbox.c.event == "call.hungup",
+                outbox.c.received_at < received_before,
+                ~sa.exists().where(
+                    ended.c.ordering_key == outbox.c.ordering_key, ended.c.event == "call.ended"
+                ),
+            )
+            .group_by(outbox.c.ordering_key)
+            .order_by(sa.func.min(outbox.c.received_at))
+        )
+        async with self.engine.connect() as connection:
+            rows = await connection.execute(statement)
+            return [
+                AwaitingCallEnded(
+                    ordering_key=row.ordering_key,
+                    hungup_received_at=_as_datetime(row.received_at),
+                )
+                for row in rows
+            ]
+
+    async def backlog(self) -> Backlog:
+        statement = sa.select(
+            sa.func.count().filter(outbox.c.status == "pending").label("pending"),
+            sa.func.count().filter(outbox.c.status == "delivering").label("delivering"),
+            sa.func.count().filter(outbox.c.status == "dead").label("dead"),
+            sa.func.min(outbox.c.received_at)
+            .filter(outbox.c.status.in_(("pending", "delivering")))
+            .label("oldest"),
+        ).where(outbox.c.status.in_(("pending", "delivering", "dead")))
+        async with self.engine.connect() as connection:
+            row = (await connection.execute(statement)).one()
+        return Backlog(
+            pending=int(row.pending),
+            delivering=int(row.delivering),
+            dead=int(row.dead),
+            oldest_pending_received_at=None if row.oldest is None else _as_datetime(row.oldest),
+        )
+
+    async def next_due(self) -> tuple[datetime | None, datetime | None]:
+        """The earliest receipt and the earliest retry time among pending rows (for sleeping)."""
+        statement = sa.select(
+            sa.func.min(outbox.c.received_at), sa.func.min(outbox.c.next_attempt_at)
+        ).where(outbox.c.status == "pending")
+        async with self.engine.connect() as connection:
+            row = (await connection.execute(statement)).one()
+        received, retry = row
+        return (
+            None if received is None else _as_datetime(received),
+            None if retry is None else _as_datetime(retry),
+        )
+
+
+class _Queued(Generic[Result]):
+    """A write waiting for its turn in `_SqliteWrites`, then its outcome."""
+
+    __slots__ = ("done", "error", "result", "work")
+
+    def __init__(self, work: Callable[[sa.Connection], Result]) -> None:
+        self.work = work
+        self.done = False
+        self.result: Result | None = None
+        self.error: BaseException | None = None
+
+
+class _SqliteWrites:
+    """The drainer's write transactions on a SQLite file, run whole in a worker thread on a
+    synchronous SQLAlchemy engine over one plain `sqlite3` connection set up like the async
+    engine's (`sqlite_writer_connector`).
+
+    One transaction at a time, and group commit: writes that queue while a transaction runs
+    (the finishes of requests that came back meanwhile, the next claim) share the next one, in
+    the order they were asked for. So the drainer's writers never wait on SQLite's busy handler
+    for each other, and a commit (its WAL writes and fsync) serves several requests. If that
+    transaction fails, every write in it fails and nothing of any of them is kept, as when each
+    had its own; the drainer retries them.
+    """
+
+    def __init__(self, connect: Callable[[], sqlite3.Connection]) -> None:
+        # hide_parameters: a database error must never put a payload in a log line.
+        self._engine = sa.create_engine(
+            "sqlite://",
+            creator=connect,
+            poolclass=sa.pool.QueuePool,
+            pool_size=1,
+            max_overflow=0,
+            hide_parameters=True,
+        )
+
+        @sa.event.listens_for(self._engine, "begin")
+        def on_begin(connection: sa.Connection) -> None:
+            # The connection is in autocommit mode: the transaction is ours to begin.
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+        self._queue: list[_Queued[Any]] = []
+        self._lock: anyio.Lock | None = None
+
+    @classmethod
+    def for_engine(cls, engine: AsyncEngine) -> _SqliteWrites | None:
+        connect = sqlite_writer_connector(engine)
+        return None if connect is None else cls(connect)
+
+    async def run(self, work: Callable[[sa.Connection], Result]) -> Result:
+        if self._lock is None:
+            self._lock = anyio.Lock()
+        queued = _Queued(work)
+        self._queue.append(queued)
+        try:
+            async with self._lock:
+                if not queued.done:  # else an earlier transaction took it along
+                    batch, self._queue = self._queue, []
+                    # Not abandoned on cancellation: the transaction runs to its end.
+                    await anyio.to_thread.run_sync(self._transaction, batch)
+        finally:
+            if not queued.done and queued in self._queue:  # cancelled while waiting
+                self._queue.remove(queued)
+        if queued.error is not None:
+            raise queued.error
+        return cast(Result, queued.result)
+
+    def _transaction(self, batch: list[_Queued[Any]]) -> None:
+        try:
+            with self._engine.begin() as connection:
+                for queued in batch:
+                    queued.result = queued.work(connection)
+        except BaseException as error:
+            for queued in batch:
+                queued.error = error
+            if not isinstance(error, Exception):
+                raise
+        finally:
+            for queued in batch:
+                queued.done = True
+
+    async def close(self) -> None:
+        await anyio.to_thread.run_sync(self._engine.dispose)
+
+
+def _heads_wanted(room: int, heads_read: int, events_planned: int) -> int:
+    """How many heads of keys to read next, for `room` more events."""
+    if heads_read == 0:
+        return min(room, FIRST_HEADS_PAGE)
+    events_per_head = max(events_planned / heads_read, 1.0)
+    return max(1, min(room, MAX_HEADS_PAGE, math.ceil(room / events_per_head)))
+
+
+def _claimed(row: Any) -> ClaimedEvent:
+    # The columns are ClaimedEvent's fields in order (checked below): positional is cheapest.
+    return ClaimedEvent(*row)
+
+
+def _as_datetime(value: Any) -> datetime:
+    return utc_datetime(value)
+
+
+def _chunks(values: list[int] | list[str], size: int) -> list[Any]:
+    return [values[start : start + size] for start in range(0, len(values), size)]

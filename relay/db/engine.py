@@ -1,0 +1,142 @@
+"""Database engines: one place that knows how each database is opened.
+
+SQLite: WAL mode (the receiver and the drainer share the file), `synchronous=FULL` (a webhook
+that got its 200 survives a power cut), a busy timeout, and transactions that we begin ourselves
+so that writers can take the write lock up front (`BEGIN IMMEDIATE`) instead of failing on a lock
+upgrade. The receiver's batch writes go through a plain `sqlite3` connection of their own
+(`sqlite_writer_connector`), set up exactly like the engine's. PostgreSQL: asyncpg with connect,
+pool and lock timeouts, and a pre-ping so that a restarted server is reconnected to.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from relay.settings import normalise_database_url
+
+# Execution option that makes a SQLite transaction begin with BEGIN IMMEDIATE.
+SQLITE_IMMEDIATE = "relay_sqlite_immediate"
+# Execution option recording a SQLite engine's busy timeout, for `sqlite_writer_connector`.
+SQLITE_BUSY_TIMEOUT_MS = "relay_sqlite_busy_timeout_ms"
+
+
+def is_sqlite(url: str) -> bool:
+    return normalise_database_url(url).startswith("sqlite")
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a SQLite URL, None for an in-memory database."""
+    database = make_url(normalise_database_url(url)).database
+    if not database or database == ":memory:":
+        return None
+    return Path(database)
+
+
+def create_engine(url: str, timeout_seconds: float = 2.0, pool_size: int = 5) -> AsyncEngine:
+    url = normalise_database_url(url)
+    if is_sqlite(url):
+        return _create_sqlite_engine(url, timeout_seconds)
+    return _create_postgresql_engine(url, timeout_seconds, pool_size)
+
+
+def _create_sqlite_engine(url: str, timeout_seconds: float) -> AsyncEngine:
+    path = sqlite_path(url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    busy_timeout_ms = int(timeout_seconds * 1000)
+    # hide_parameters: a database error must never put a payload (personal data) in a log line.
+    engine = create_async_engine(
+        url,
+        connect_args={"timeout": timeout_seconds},
+        hide_parameters=True,
+        execution_options={SQLITE_BUSY_TIMEOUT_MS: busy_timeout_ms},
+    )
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def on_connect(dbapi_connection: Any, connection_record: Any) -> None:
+        # Let us emit BEGIN ourselves (the driver's implicit BEGIN is always DEFERRED).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        for pragma in _sqlite_pragmas(busy_timeout_ms):
+            cursor.execute(pragma)
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def on_begin(connection: Any) -> None:
+        immediate = connection.get_execution_options().get(SQLITE_IMMEDIATE, False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine
+
+
+def _sqlite_pragmas(busy_timeout_ms: int) -> list[str]:
+    return [
+        "PRAGMA journal_mode=WAL",
+        "PRAGMA synchronous=FULL",
+        f"PRAGMA busy_timeout={busy_timeout_ms}",
+        "PRAGMA foreign_keys=ON",
+    ]
+
+
+def sqlite_writer_connector(engine: AsyncEngine) -> Callable[[], sqlite3.Connection] | None:
+    """How to open a plain `sqlite3` connection to a SQLite engine's database file, set up like
+    the engine's own connections, for the receiver's batch writes; None when the engine is not
+    one of ours on a SQLite file (PostgreSQL, an in-memory database, a URL with options).
+
+    The connection is in autocommit mode (`isolation_level=None`): the caller sends
+    `BEGIN IMMEDIATE` and `COMMIT` itself. It may be used from any one thread at a time.
+    """
+    url = engine.url
+    busy_timeout_ms = engine.get_execution_options().get(SQLITE_BUSY_TIMEOUT_MS)
+    path = url.database
+    if engine.dialect.name != "sqlite" or url.query or not isinstance(busy_timeout_ms, int):
+        return None
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return None
+
+    def connect() -> sqlite3.Connection:
+        connection = sqlite3.connect(
+            path, timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False
+        )
+        try:
+            for pragma in _sqlite_pragmas(busy_timeout_ms):
+                connection.execute(pragma)
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    return connect
+
+
+def _create_postgresql_engine(url: str, timeout_seconds: float, pool_size: int) -> AsyncEngine:
+    lock_timeout_ms = int(timeout_seconds * 1000)
+    return create_async_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_timeout=timeout_seconds,
+        pool_pre_ping=True,
+        hide_parameters=True,
+        connect_args={
+            "timeout": timeout_seconds,
+            "server_settings": {
+                "lock_timeout": str(lock_timeout_ms),
+                # A crashed client must never hold row locks for long.
+                "idle_in_transaction_session_timeout": "60000",
+                "application_name": "aircall-relay",
+            },
+        },
+    )
+
+
+def writer(engine: AsyncEngine) -> AsyncEngine:
+    """The same engine, for transactions that write (BEGIN IMMEDIATE on SQLite)."""
+    return engine.execution_options(**{SQLITE_IMMEDIATE: True})

@@ -1,0 +1,265 @@
+"""The operator's statements on the outbox: statistics, listing, one row with its requests,
+requeue, and purge (by hand or by the retention settings).
+
+Purge deletes in small batches (one short transaction each), so that the receiver and the
+drainer never wait long for the write lock while a large purge runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from relay.db.engine import writer
+from relay.db.tables import delivery_requests, outbox, utc_datetime
+
+REQUEUABLE_STATUSES = ("dead", "skipped", "delivered")
+PURGEABLE_STATUSES = ("delivered", "skipped", "dead")
+
+LIST_COLUMNS = (
+    outbox.c.id,
+    outbox.c.status,
+    outbox.c.event,
+    outbox.c.ordering_key,
+    outbox.c.occurred_at,
+    outbox.c.received_at,
+    outbox.c.received_count,
+    outbox.c.attempts,
+    outbox.c.last_http_status,
+    outbox.c.delivered_at,
+    outbox.c.late,
+    outbox.c.last_error,
+    outbox.c.message_id,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class EventFilter:
+    """Which rows: every given criterion must hold."""
+
+    statuses: tuple[str, ...] = ()
+    events: tuple[str, ...] = ()
+    ordering_key: str | None = None
+    received_since: datetime | None = None
+    received_until: datetime | None = None
+    ids: tuple[int, ...] = ()
+
+    def clauses(self) -> list[Any]:
+        clauses: list[Any] = []
+        if self.statuses:
+            clauses.append(outbox.c.status.in_(self.statuses))
+        if self.events:
+            clauses.append(outbox.c.event.in_(self.events))
+        if self.ordering_key is not None:
+            clauses.append(outbox.c.ordering_key == self.ordering_key)
+        if self.received_since is not None:
+            clauses.append(outbox.c.received_at >= self.received_since)
+        if self.received_until is not None:
+            clauses.append(outbox.c.received_at < self.received_until)
+        if self.ids:
+            clauses.append(outbox.c.id.in_(self.ids))
+        return clauses
+
+
+@dataclass
+class OutboxStats:
+    by_status: dict[str, int] = field(default_factory=dict)
+    by_event: dict[str, dict[str, int]] = field(default_factory=dict)
+    oldest_pending_received_at: datetime | None = None
+    dead: int = 0
+    calls_awaiting_call_ended: int = 0
+    delivery_requests_last_hour: dict[str, int] = field(default_factory=dict)
+
+
+class OutboxInspector:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._writer = writer(engine)
+        self.dialect = engine.dialect.name
+
+    async def stats(self, now: datetime, awaiting_since: datetime) -> OutboxStats:
+        from datetime import timedelta
+
+        result = OutboxStats()
+        async with self.engine.connect() as connection:
+            rows = await connection.execute(
+                sa.select(outbox.c.event, outbox.c.status, sa.func.count().label("n"))
+                .group_by(outbox.c.event, outbox.c.status)
+                .order_by(outbox.c.event, outbox.c.status)
+            )
+            for row in rows:
+                result.by_status[row.status] = result.by_status.get(row.status, 0) + int(row.n)
+                result.by_event.setdefault(row.event, {})[row.status] = int(row.n)
+            oldest = await connection.scalar(
+                sa.select(sa.func.min(outbox.c.received_at)).where(
+                    outbox.c.status.in_(("pending", "delivering"))
+                )
+            )
+            result.oldest_pending_received_at = None if oldest is None else utc_datetime(oldest)
+            result.dead = result.by_status.get("dead", 0)
+            ended = outbox.alias("ended")
+            result.calls_awaiting_call_ended = int(
+                await connection.scalar(
+                    sa.select(sa.func.count(sa.distinct(outbox.c.ordering_key))).where(
+                        outbox.c.event == "call.hungup",
+                        outbox.c.received_at < awaiting_since,
+                        ~sa.exists().where(
+                            ended.c.ordering_key == outbox.c.ordering_key,
+                            ended.c.event == "call.ended",
+                        ),
+                    )
+                )
+                or 0
+            )
+            requests = await connection.execute(
+                sa.select(delivery_requests.c.outcome, sa.func.count().label("n"))
+                .where(delivery_requests.c.started_at >= now - timedelta(hours=1))
+                .group_by(delivery_requests.c.outcome)
+            )
+            result.delivery_requests_last_hour = {row.outcome: int(row.n) for row in requests}
+        return result
+
+    async def list_events(self, where: EventFilter, limit: int) -> list[dict[str, Any]]:
+        statement = (
+            sa.select(*LIST_COLUMNS)
+            .where(*where.clauses())
+            .order_by(outbox.c.id.desc())
+            .limit(limit)
+        )
+        async with self.engine.connect() as connection:
+            return [dict(row._mapping) for row in await connection.execute(statement)]
+
+    async def find(self, reference: str) -> dict[str, Any] | None:
+        """A row by receipt id (digits) or by messageId, with the requests that carried it."""
+        condition = (
+            outbox.c.id == int(reference)
+            if reference.isdigit()
+            else outbox.c.message_id == reference
+        )
+        async with self.engine.connect() as connection:
+            row = (await connection.execute(sa.select(outbox).where(condition))).first()
+            if row is None:
+                return None
+            found = dict(row._mapping)
+            found["delivery_requests"] = [
+                dict(request._mapping)
+                for request in await connection.execute(
+                    sa.select(delivery_requests)
+                    .where(self._request_carried(found["id"]))
+                    .order_by(delivery_requests.c.started_at)
+                )
+            ]
+            return found
+
+    def _request_carried(self, row_id: int) -> Any:
+        if self.dialect == "sqlite":
+            return sa.text(
+                "EXISTS (SELECT 1 FROM json_each(delivery_requests.outbox_ids) "
+                "WHERE json_each.value = :row_id)"
+            ).bindparams(row_id=row_id)
+        return sa.text(
+            "CAST(delivery_requests.outbox_ids AS jsonb) @> CAST(:ids AS jsonb)"
+        ).bindparams(ids=f"[{int(row_id)}]")
+
+    async def requeue(self, where: EventFilter, now: datetime, dry_run: bool) -> int:
+        """Put rows back to `pending`, due now (dead, skipped or delivered rows only)."""
+        statuses = where.statuses or ("dead",)
+        invalid = set(statuses) - set(REQUEUABLE_STATUSES)
+        if invalid:
+            raise ValueError(
+                f"cannot requeue {', '.join(sorted(invalid))} rows: only "
+                f"{', '.join(REQUEUABLE_STATUSES)}"
+            )
+        clauses = EventFilter(
+            statuses=statuses,
+            events=where.events,
+            ordering_key=where.ordering_key,
+            received_since=where.received_since,
+            received_until=where.received_until,
+            ids=where.ids,
+        ).clauses()
+        async with self._writer.begin() as connection:
+            if dry_run:
+                count = await connection.scalar(
+                    sa.select(sa.func.count()).select_from(outbox).where(*clauses)
+                )
+                return int(count or 0)
+            result = await connection.execute(
+                sa.update(outbox)
+                .where(*clauses)
+                .values(
+                    status="pending",
+                    next_attempt_at=now,
+                    claimed_by=None,
+                    claimed_until=None,
+                    last_error=sa.literal("requeued by an operator (was ")
+                    + outbox.c.status
+                    + "): "
+                    + sa.func.coalesce(outbox.c.last_error, ""),
+                )
+            )
+            return int(result.rowcount)
+
+    async def purge(
+        self,
+        status: str,
+        older_than: datetime,
+        dry_run: bool,
+        batch_size: int = 1000,
+    ) -> int:
+        """Delete rows of `status` (delivered, skipped or dead) older than the cut-off, in
+        batches; delivered rows are aged by `delivered_at`, the others by `received_at`.
+        With delivered rows go the `delivery_requests` records older than the cut-off, except
+        those that rejected a message (they explain dead rows, which are kept)."""
+        if status not in PURGEABLE_STATUSES:
+            raise ValueError(f"cannot purge {status} rows")
+        age = outbox.c.delivered_at if status == "delivered" else outbox.c.received_at
+        condition = sa.and_(outbox.c.status == status, age < older_than)
+        if dry_run:
+            async with self.engine.connect() as connection:
+                count = await connection.scalar(
+                    sa.select(sa.func.count()).select_from(outbox).where(condition)
+                )
+                return int(count or 0)
+        deleted = 0
+        while True:
+            async with self._writer.begin() as connection:
+                ids = list(
+                    await connection.scalars(
+                        sa.select(outbox.c.id)
+                        .where(condition)
+                        .order_by(outbox.c.id)
+                        .limit(batch_size)
+                    )
+                )
+                if not ids:
+                    break
+                await connection.execute(sa.delete(outbox).where(outbox.c.id.in_(ids)))
+                deleted += len(ids)
+        if status == "delivered":
+            await self._purge_requests(older_than, batch_size)
+        return deleted
+
+    async def _purge_requests(self, older_than: datetime, batch_size: int) -> None:
+        while True:
+            async with self._writer.begin() as connection:
+                ids: Sequence[str] = list(
+                    await connection.scalars(
+                        sa.select(delivery_requests.c.id)
+                        .where(
+                            delivery_requests.c.started_at < older_than,
+                            delivery_requests.c.outcome != "rejected",
+                        )
+                        .limit(batch_size)
+                    )
+                )
+                if not ids:
+                    return
+                await connection.execute(
+                    sa.delete(delivery_requests).where(delivery_requests.c.id.in_(ids))
+                )

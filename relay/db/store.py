@@ -1,0 +1,372 @@
+"""The outbox store: every SQL statement the relay runs, one named method each.
+
+Receiver and drainer talk to the database only through this class. Dialect differences (SQLite
+and PostgreSQL) are handled here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import sqlite3
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from relay.db.engine import sqlite_writer_connector, writer
+from relay.db.tables import outbox
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingEvent:
+    """A webhook accepted by the receiver, ready to be written."""
+
+    dedup_key: str
+    message_id: str
+    source: str
+    resource: str
+    event: str
+    resource_id: str | None
+    ordering_key: str
+    occurred_at: datetime
+    received_at: datetime
+    payload: dict[str, Any]
+    forward: bool
+    skip_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """What the database made of one incoming event."""
+
+    id: int
+    duplicate: bool
+    status: str
+    received_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class SchemaState:
+    reachable: bool
+    revision: str | None
+    error: str | None = None
+
+
+class OutboxStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._writer = writer(engine)
+        self.dialect = engine.dialect.name
+        self._batch_insert = _BatchInsert(engine.dialect)
+        self._sqlite_writer: _SqliteBatchWriter | None = None
+        self._sqlite_writer_checked = False
+
+    async def insert_events(self, events: Sequence[IncomingEvent]) -> list[StoredEvent]:
+        """Write a group of webhooks in one transaction (group commit); one result per input.
+
+        Copies of one event within the group become one row whose `received_count` counts
+        them all. An event already in the outbox only gains `received_count` and
+        `last_received_at`. An event is new exactly when the count after the write equals the
+        number of copies written here, which also holds when another receiver races us on
+        PostgreSQL (the upsert holds the row's lock until our commit, so the count read back in
+        the same transaction is ours).
+
+        The statement is compiled once (`_BatchInsert`). On a SQLite file the whole transaction
+        (`executemany` of the upsert, then one SELECT of the rows' outcomes) runs in one call on
+        a thread of its own (`_SqliteBatchWriter`); on PostgreSQL it is one multi-row
+        `INSERT ... RETURNING`.
+        """
+        copies: dict[str, int] = {}
+        first: dict[str, IncomingEvent] = {}
+        for item in events:
+            copies[item.dedup_key] = copies.get(item.dedup_key, 0) + 1
+            first.setdefault(item.dedup_key, item)
+        to_row = self._batch_insert.row
+        rows = [to_row(item, copies[key]) for key, item in first.items()]
+        keys = list(first)
+        sqlite_writer = self._get_sqlite_writer()
+        if sqlite_writer is not None:
+            returned = await sqlite_writer.write(self._batch_insert, rows, keys)
+        else:
+            returned = await self._write_with_engine(rows, keys)
+        outcomes: list[StoredEvent] = []
+        seen: set[str] = set()
+        for item in events:
+            key = item.dedup_key
+            row_id, received_count, status = returned[key]
+            duplicate = key in seen or received_count != copies[key]
+            seen.add(key)
+            outcomes.append(
+                StoredEvent(
+                    id=row_id, duplicate=duplicate, status=status, received_count=received_count
+                )
+            )
+        return outcomes
+
+    async def _write_with_engine(
+        self, rows: list[tuple[Any, ...]], keys: list[str]
+    ) -> dict[str, tuple[int, int, str]]:
+        statement = self._batch_insert
+        async with self._writer.begin() as connection:
+            if self.dialect == "postgresql":
+                # One multi-row INSERT ... RETURNING: one statement for the server to plan and
+                # run, one round trip (executemany would run one statement per row).
+                sql = statement.insert_returning(len(rows))
+                flat = tuple(value for row in rows for value in row)
+                result: Sequence[Any] = (await connection.exec_driver_sql(sql, flat)).all()
+            else:
+                await connection.exec_driver_sql(statement.sql, rows)
+                sql, parameters = statement.select_outcomes(keys)
+                result = (await connection.exec_driver_sql(sql, parameters)).all()
+            return {row[1]: (row[0], row[2], row[3]) for row in result}
+
+    def _get_sqlite_writer(self) -> _SqliteBatchWriter | None:
+        if not self._sqlite_writer_checked:
+            self._sqlite_writer_checked = True
+            if self.dialect == "sqlite":
+                self._sqlite_writer = _SqliteBatchWriter.for_engine(self.engine)
+        return self._sqlite_writer
+
+    async def close_writer(self) -> None:
+        """Close the connection that `insert_events` opened for itself, if any (idempotent)."""
+        sqlite_writer, self._sqlite_writer = self._sqlite_writer, None
+        self._sqlite_writer_checked = False
+        if sqlite_writer is not None:
+            await sqlite_writer.close()
+
+    async def schema_state(self) -> SchemaState:
+        """Whether the database answers, and the Alembic revision it is at."""
+        try:
+            async with self.engine.connect() as connection:
+                has_table = await connection.run_sync(
+                    lambda sync: sa.inspect(sync).has_table("alembic_version")
+                )
+                if not has_table:
+                    return SchemaState(reachable=True, revision=None)
+                revision = await connection.scalar(
+                    sa.text("SELECT version_num FROM alembic_version")
+                )
+                return SchemaState(reachable=True, revision=revision)
+        except Exception as error:  # readiness reports any failure, it never raises
+            return SchemaState(reachable=False, revision=None, error=type(error).__name__)
+
+    async def get_event(self, event_id: int) -> dict[str, Any] | None:
+        async with self.engine.connect() as connection:
+            row = (
+                await connection.execute(sa.select(outbox).where(outbox.c.id == event_id))
+            ).first()
+            return None if row is None else dict(row._mapping)
+
+    async def count_events(self) -> int:
+        async with self.engine.connect() as connection:
+            return int(await connection.scalar(sa.select(sa.func.count()).select_from(outbox)) or 0)
+
+
+# The columns `insert_events` writes, in the order of its statement's parameters.
+_WRITTEN_COLUMNS: Final[tuple[str, ...]] = (
+    "dedup_key",
+    "message_id",
+    "source",
+    "resource",
+    "event",
+    "resource_id",
+    "ordering_key",
+    "occurred_at",
+    "received_at",
+    "last_received_at",
+    "received_count",
+    "payload",
+    "status",
+    "attempts",
+    "next_attempt_at",
+    "last_error",
+    "late",
+)
+_CONVERTED_COLUMNS: Final[frozenset[str]] = frozenset(
+    {"occurred_at", "received_at", "last_received_at", "next_attempt_at", "payload", "late"}
+)
+_NUMBERED_PARAMETER: Final = re.compile(r"\$(\d+)")
+
+
+class _BatchInsert:
+    """The receiver's upsert, compiled once for one dialect, with the conversions of its values.
+
+    Through `connection.execute(statement, rows)`, SQLAlchemy would compile the statement for
+    the batch and look up and apply each column's type processing for every row; here a row is
+    one tuple built by one function, and the batch goes to the driver as is (`executemany` on
+    SQLite, one multi-row statement on PostgreSQL). The values are converted by the same type
+    processors SQLAlchemy uses (`UtcDateTime`, `JSON`, `Boolean`), so the rows are stored
+    exactly as a plain `INSERT` through SQLAlchemy would store them.
+    """
+
+    def __init__(self, dialect: Dialect) -> None:
+        self.dialect_name = dialect.name
+        insert = sqlite.insert if dialect.name == "sqlite" else postgresql.insert
+        statement = insert(outbox).inline()  # no implicit RETURNING of the primary key
+        statement = statement.on_conflict_do_update(
+            index_elements=[outbox.c.dedup_key],
+            set_={
+                "received_count": outbox.c.received_count + statement.excluded.received_count,
+                "last_received_at": statement.excluded.last_received_at,
+            },
+        )
+        compiled = statement.compile(dialect=dialect, column_keys=list(_WRITTEN_COLUMNS))
+        if tuple(compiled.positiontup or ()) != _WRITTEN_COLUMNS:  # pragma: no cover
+            raise RuntimeError(f"unexpected parameter order: {compiled.positiontup}")
+        self.sql = str(compiled)
+        processors = {
+            name: outbox.c[name].type.dialect_impl(dialect).bind_processor(dialect)
+            for name in _WRITTEN_COLUMNS
+        }
+        unexpected = [
+            name
+            for name, processor in processors.items()
+            if processor is not None and name not in _CONVERTED_COLUMNS
+        ]
+        if unexpected:  # pragma: no cover - a SQLAlchemy upgrade that converts more columns
+            raise RuntimeError(f"columns {unexpected} need a conversion insert_events lacks")
+        self._moment = _or_identity(processors["received_at"])  # every moment is a UtcDateTime
+        self._payload = _or_identity(processors["payload"])
+        self._flag = _or_identity(processors["late"])
+        self._not_late = self._flag(False)
+        self._select_sql: dict[int, str] = {}
+        self._insert_returning: dict[int, str] = {}
+
+    def row(self, item: IncomingEvent, copies: int) -> tuple[Any, ...]:
+        """The statement's parameters for one event, converted for the driver."""
+        received_at = self._moment(item.received_at)
+        forward = item.forward
+        return (
+            item.dedup_key,
+            item.message_id,
+            item.source,
+            item.resource,
+            item.event,
+            item.resource_id,
+            item.ordering_key,
+            self._moment(item.occurred_at),
+            received_at,
+            received_at,
+            copies,
+            self._payload(item.payload),
+            "pending" if forward else "skipped",
+            0,
+            received_at if forward else None,
+            None if forward else item.skip_reason,
+            self._not_late,
+        )
+
+    def insert_returning(self, count: int) -> str:
+        """PostgreSQL: the upsert of `count` rows in one statement, returning (id, dedup_key,
+        received_count, status) of each; its parameters are the rows' values, row after row."""
+        sql = self._insert_returning.get(count)
+        if sql is None:
+            head, rest = self.sql.split(" VALUES ", 1)
+            group, tail = rest.split(") ON CONFLICT ", 1)
+            width = len(_WRITTEN_COLUMNS)
+            groups = ", ".join(_shift_parameters(group + ")", row * width) for row in range(count))
+            sql = (
+                f"{head} VALUES {groups} ON CONFLICT {tail}"
+                " RETURNING outbox.id, outbox.dedup_key, outbox.received_count, outbox.status"
+            )
+            self._insert_returning[count] = sql
+        return sql
+
+    def select_outcomes(self, keys: list[str]) -> tuple[str, tuple[Any, ...]]:
+        """SQL and parameters reading back (id, dedup_key, received_count, status) of `keys`."""
+        columns = "SELECT id, dedup_key, received_count, status FROM outbox WHERE dedup_key"
+        if self.dialect_name != "sqlite":
+            return f"{columns} = ANY($1::VARCHAR[])", (keys,)
+        sql = self._select_sql.get(len(keys))
+        if sql is None:
+            sql = f"{columns} IN ({', '.join('?' * len(keys))})"
+            self._select_sql[len(keys)] = sql
+        return sql, tuple(keys)
+
+
+def _shift_parameters(sql: str, shift: int) -> str:
+    """`$1` becomes `$(1 + shift)`, and so on: the same group of values, for a later row."""
+    return _NUMBERED_PARAMETER.sub(lambda match: f"${int(match.group(1)) + shift}", sql)
+
+
+def _or_identity(processor: Callable[[Any], Any] | None) -> Callable[[Any], Any]:
+    return processor if processor is not None else _identity
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+class _SqliteBatchWriter:
+    """Runs each batch's whole transaction in one call on a thread of its own, on a plain
+    `sqlite3` connection set up like the engine's (`sqlite_writer_connector`).
+
+    Through SQLAlchemy and aiosqlite, each step of a transaction (BEGIN, INSERT, SELECT, fetch,
+    COMMIT, cursor handling) is a round trip between the event loop and aiosqlite's thread;
+    here a batch is one round trip, and the thread spends its time in SQLite with the GIL
+    released. The connection is opened on that thread at the first batch, and opened again
+    after an error. Errors are raised as SQLAlchemy's `DBAPIError` family, as the engine's.
+    """
+
+    def __init__(self, connect: Callable[[], sqlite3.Connection]) -> None:
+        self._connect = connect
+        self._connection: sqlite3.Connection | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-writer")
+
+    @classmethod
+    def for_engine(cls, engine: AsyncEngine) -> _SqliteBatchWriter | None:
+        connect = sqlite_writer_connector(engine)
+        return None if connect is None else cls(connect)
+
+    async def write(
+        self, statement: _BatchInsert, rows: list[tuple[Any, ...]], keys: list[str]
+    ) -> dict[str, tuple[int, int, str]]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._write, statement, rows, keys)
+
+    def _write(
+        self, statement: _BatchInsert, rows: list[tuple[Any, ...]], keys: list[str]
+    ) -> dict[str, tuple[int, int, str]]:
+        sql = "BEGIN IMMEDIATE"
+        try:
+            connection = self._connection
+            if connection is None:
+                connection = self._connection = self._connect()
+            connection.execute(sql)
+            try:
+                sql = statement.sql
+                connection.executemany(sql, rows)
+                sql, parameters = statement.select_outcomes(keys)
+                returned = connection.execute(sql, parameters).fetchall()
+                sql = "COMMIT"
+                connection.execute(sql)
+            except BaseException:
+                if connection.in_transaction:
+                    connection.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as error:
+            self._discard()  # a fresh connection for the next batch
+            raise sa_exc.DBAPIError.instance(
+                sql, None, error, sqlite3.Error, hide_parameters=True
+            ) from error
+        return {key: (row_id, count, status) for row_id, key, count, status in returned}
+
+    def _discard(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(sqlite3.Error):
+                connection.close()
+
+    async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._discard)
+        self._executor.shutdown(wait=False)

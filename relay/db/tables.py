@@ -1,0 +1,127 @@
+"""The outbox schema: table definitions, shared by the store and the Alembic migrations.
+
+Names are chosen for a person writing SQL by hand (PRODUCT §5). The metadata carries a naming
+convention so that constraint names are the same on SQLite and PostgreSQL, and `alembic check`
+can compare the migrations with these definitions.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+
+NAMING_CONVENTION: Final[dict[str, str]] = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+
+STATUSES: Final[tuple[str, ...]] = ("pending", "delivering", "delivered", "dead", "skipped")
+
+
+class UtcDateTime(sa.types.TypeDecorator[datetime]):
+    """An aware UTC datetime on both databases.
+
+    PostgreSQL stores `timestamptz`. SQLite has no date type: it stores text
+    `YYYY-MM-DD HH:MM:SS.ffffff` in UTC, which reads well in `sqlite3`, sorts correctly as text
+    and compares with SQLite's own `datetime('now')` output.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given where an aware UTC one is needed")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        return None if value is None else utc_datetime(value)
+
+
+def utc_datetime(value: datetime | str) -> datetime:
+    """A stored timestamp as an aware UTC datetime (SQLite gives naive UTC, or text)."""
+    if isinstance(value, str):  # a value written by hand in SQL, e.g. datetime('now')
+        value = datetime.fromisoformat(value)
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+# SQLite only makes INTEGER PRIMARY KEY the rowid (and AUTOINCREMENT never reuses an id, so the
+# receipt id stays a true order of receipt even after a purge); PostgreSQL gets a BIGINT identity.
+Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+outbox = sa.Table(
+    "outbox",
+    metadata,
+    sa.Column("id", Id, sa.Identity(), primary_key=True, comment="receipt id: order of receipt"),
+    sa.Column("dedup_key", sa.String(64), nullable=False, comment="sha256 of the canonical event"),
+    sa.Column("message_id", sa.String(100), nullable=False, comment="Segment messageId"),
+    sa.Column("source", sa.String(64), nullable=False, comment="label of the Aircall token"),
+    sa.Column("resource", sa.String(64), nullable=False),
+    sa.Column("event", sa.String(128), nullable=False),
+    sa.Column("resource_id", sa.String(64), nullable=True, comment="data.id as text"),
+    sa.Column("ordering_key", sa.String(200), nullable=False, comment="e.g. call:1903456789"),
+    sa.Column("occurred_at", UtcDateTime(), nullable=False, comment="Aircall timestamp, UTC"),
+    sa.Column("received_at", UtcDateTime(), nullable=False),
+    sa.Column("last_received_at", UtcDateTime(), nullable=False),
+    sa.Column("received_count", sa.Integer(), nullable=False, server_default=sa.text("1")),
+    sa.Column("payload", sa.JSON(), nullable=False, comment="body as received, minus token"),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer(), nullable=False, server_default=sa.text("0")),
+    sa.Column("next_attempt_at", UtcDateTime(), nullable=True),
+    sa.Column("last_error", sa.Text(), nullable=True, comment="why dead, skipped or retrying"),
+    sa.Column("last_http_status", sa.Integer(), nullable=True),
+    sa.Column("claimed_by", sa.String(200), nullable=True, comment="lease owner (drainer)"),
+    sa.Column("claimed_until", UtcDateTime(), nullable=True, comment="lease expiry"),
+    sa.Column("delivered_at", UtcDateTime(), nullable=True),
+    sa.Column("request_id", sa.String(64), nullable=True, comment="delivery_requests.id"),
+    sa.Column("late", sa.Boolean(), nullable=False, server_default=sa.false()),
+    sa.UniqueConstraint("dedup_key"),
+    sa.UniqueConstraint("message_id"),
+    sa.CheckConstraint(
+        "status IN ('pending', 'delivering', 'delivered', 'dead', 'skipped')", name="status"
+    ),
+    sa.CheckConstraint("received_count >= 1", name="received_count"),
+    sa.Index("ix_outbox_status_next_attempt_at", "status", "next_attempt_at"),
+    sa.Index("ix_outbox_ordering_key_occurred_at", "ordering_key", "occurred_at"),
+    sa.Index("ix_outbox_event_received_at", "event", "received_at"),
+    # The drainer's (migration 0003). Pending rows in order of receipt, so that a claim reads
+    # the first heads of keys without sorting the whole backlog:
+    sa.Index("ix_outbox_status_id", "status", "id"),
+    # A key's rows by status, with what ordering compares: the checks "is an earlier event of
+    # this key pending or in flight" (claim) and "was a later one delivered" (late) read only
+    # this index, never the rows (on SQLite a row's status lies behind its payload).
+    sa.Index("ix_outbox_ordering_key_status", "ordering_key", "status", "occurred_at", "event"),
+    sqlite_autoincrement=True,
+)
+
+delivery_requests = sa.Table(
+    "delivery_requests",
+    metadata,
+    sa.Column(
+        "id", sa.String(64), primary_key=True, comment="request id, also in outbox.request_id"
+    ),
+    sa.Column("drainer", sa.String(200), nullable=False, comment="lease owner that sent it"),
+    sa.Column("started_at", UtcDateTime(), nullable=False),
+    sa.Column("finished_at", UtcDateTime(), nullable=True),
+    sa.Column("duration_ms", sa.Integer(), nullable=True),
+    sa.Column("event_count", sa.Integer(), nullable=False),
+    sa.Column("body_bytes", sa.Integer(), nullable=False),
+    sa.Column("outbox_ids", sa.JSON(), nullable=False, comment="outbox.id of the rows sent"),
+    sa.Column("http_status", sa.Integer(), nullable=True, comment="null: no HTTP answer"),
+    sa.Column("outcome", sa.String(32), nullable=False, comment="delivered, retry, rejected, ..."),
+    sa.Column("error", sa.Text(), nullable=True),
+    sa.Index("ix_delivery_requests_started_at", "started_at"),
+)

@@ -1,0 +1,153 @@
+"""Pure delivery policies: what a Segment answer means, how long to wait before a retry, rate
+limits, and how far to slow down after a 429.
+
+Nothing here reads a clock or a random source of its own: both come in as arguments, so the
+tests drive time and chance.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import enum
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+
+class Verdict(enum.Enum):
+    """What the drainer does with the rows of a request, given Segment's answer."""
+
+    DELIVERED = "delivered"  # 200: Segment took the batch
+    RETRY = "retry"  # transient: 5xx, timeout, connection error, odd 2xx, 408/425
+    RATE_LIMITED = "rate_limited"  # 429: wait for all sending, and slow down
+    REJECTED = "rejected"  # 400/413/422: a bad message inside; split to find it
+    CONFIGURATION = "configuration"  # 401/403/404/405: wrong key or URL; pause, keep rows
+
+
+_CONFIGURATION_STATUSES = frozenset({401, 403, 404, 405})
+_REJECTED_STATUSES = frozenset({400, 413, 422})
+
+
+def classify(status: int | None) -> Verdict:
+    """The verdict for an HTTP status, or None when no answer came (timeout, reset, refused).
+
+    Only 200 is a success: Segment answers 200, and a 202 or 204 from something in between does
+    not say the batch reached Segment (re-sending is harmless, the messageIds are stable).
+    Unknown 4xx are retried rather than dead-lettered: nothing is killed on a guess.
+    """
+    if status is None:
+        return Verdict.RETRY
+    if status == 200:
+        return Verdict.DELIVERED
+    if status == 429:
+        return Verdict.RATE_LIMITED
+    if status in _REJECTED_STATUSES:
+        return Verdict.REJECTED
+    if status in _CONFIGURATION_STATUSES:
+        return Verdict.CONFIGURATION
+    return Verdict.RETRY
+
+
+def backoff_seconds(
+    attempt: int, base_seconds: float, cap_seconds: float, random: Callable[[], float]
+) -> float:
+    """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2**(attempt - 1))].
+
+    `attempt` counts from 1 (the first retry). `random()` returns a float in [0, 1).
+    """
+    exponent = min(max(attempt - 1, 0), 62)  # 2**62 seconds is far past any cap
+    ceiling: float = min(cap_seconds, base_seconds * float(2**exponent))
+    return ceiling * random()
+
+
+def retry_after_seconds(
+    headers: Mapping[str, str], now: datetime, default_seconds: float, cap_seconds: float
+) -> float:
+    """Seconds a 429 asks us to wait: the larger of `Retry-After` (seconds or an HTTP date) and
+    `X-RateLimit-Reset` (seconds), else the default; never negative, never above the cap."""
+    waits: list[float] = []
+    lowered = {name.lower(): value for name, value in headers.items()}
+    retry_after = lowered.get("retry-after")
+    if retry_after is not None:
+        waits.extend(_seconds_or_date(retry_after, now))
+    reset = lowered.get("x-ratelimit-reset")
+    if reset is not None:
+        waits.extend(_seconds(reset))
+    wait = max(waits) if waits else default_seconds
+    return min(max(wait, 0.0), cap_seconds)
+
+
+def _seconds(text: str) -> list[float]:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        return []
+    return [value] if value == value and value != float("inf") else []
+
+
+def _seconds_or_date(text: str, now: datetime) -> list[float]:
+    seconds = _seconds(text)
+    if seconds:
+        return seconds
+    try:
+        moment = email.utils.parsedate_to_datetime(text.strip())
+    except (TypeError, ValueError):
+        return []
+    return [(moment - now).total_seconds()]
+
+
+@dataclass
+class TokenBucket:
+    """A token bucket: `rate` tokens per second, holding at most `capacity` (one second's worth,
+    or one request's worth if larger). A rate of 0 means no limit.
+
+    `reserve(n, now)` takes `n` tokens, letting the level go negative, and returns how long the
+    caller must wait before using them; callers that reserve in turn are spaced at the rate.
+    """
+
+    rate: float
+    capacity: float
+    level: float
+    updated: float
+
+    @classmethod
+    def per_second(cls, rate: float, now: float, largest_request: float = 1.0) -> TokenBucket:
+        capacity = max(rate, largest_request)
+        return cls(rate=rate, capacity=capacity, level=capacity, updated=now)
+
+    def reserve(self, tokens: float, now: float) -> float:
+        if self.rate <= 0:
+            return 0.0
+        self.level = min(self.capacity, self.level + (now - self.updated) * self.rate)
+        self.updated = now
+        self.level -= tokens
+        if self.level >= 0:
+            return 0.0
+        return -self.level / self.rate
+
+
+@dataclass
+class Concurrency:
+    """How many requests may be in flight: halved by each 429, grown back by one every
+    `recover_after` successes, never above `maximum` nor below 1."""
+
+    maximum: int
+    current: int
+    recover_after: int = 20
+    _successes: int = 0
+
+    @classmethod
+    def of(cls, maximum: int) -> Concurrency:
+        return cls(maximum=maximum, current=maximum)
+
+    def on_rate_limited(self) -> None:
+        self.current = max(1, self.current // 2)
+        self._successes = 0
+
+    def on_success(self) -> None:
+        if self.current >= self.maximum:
+            return
+        self._successes += 1
+        if self._successes >= self.recover_after:
+            self.current += 1
+            self._successes = 0

@@ -1,0 +1,111 @@
+"""Serving the receiver with Hypercorn: the listening socket, TLS, workers and graceful stop.
+
+We bind the socket ourselves (and hand it to Hypercorn as `fd://N`) so that the log says which
+port was taken, also when port 0 asked for any free one. With one worker the app runs in this
+process and SIGTERM/SIGINT stop it gracefully; with several, Hypercorn's supervisor spawns them
+and forwards the signals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Awaitable, Callable
+
+from hypercorn.asyncio import serve as hypercorn_serve
+from hypercorn.config import Config
+from hypercorn.run import run as hypercorn_run
+from quart import Quart
+
+from relay.logs import get_logger
+from relay.settings import Settings
+
+log = get_logger("relay.receiver")
+
+# The factory Hypercorn's spawned workers call to build their own app from the environment.
+WORKER_APPLICATION_PATH = "relay.cli:receiver_app_from_environment()"
+
+
+def bind_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port and hasattr(socket, "SO_REUSEPORT"):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.set_inheritable(True)
+    return sock
+
+
+def hypercorn_config(settings: Settings, sock: socket.socket) -> Config:
+    """Hypercorn's configuration; Hypercorn takes over the socket (and closes it when done)."""
+    config = Config()
+    config.bind = [f"fd://{sock.detach()}"]
+    config.graceful_timeout = settings.shutdown_grace_seconds
+    config.accesslog = None  # we write one line per webhook ourselves
+    config.errorlog = "-"
+    config.loglevel = "WARNING"
+    config.backlog = 1024
+    config.keep_alive_timeout = 75  # longer than a typical load balancer's idle timeout
+    if settings.tls_certfile and settings.tls_keyfile:
+        config.certfile = settings.tls_certfile
+        config.keyfile = settings.tls_keyfile
+    return config
+
+
+def _listening(settings: Settings, sock: socket.socket, workers: int) -> None:
+    host, port = sock.getsockname()[:2]
+    scheme = "https" if settings.tls_certfile else "http"
+    log.info(
+        "listening",
+        url=f"{scheme}://{host}:{port}{settings.webhook_path}",
+        host=host,
+        port=port,
+        workers=workers,
+    )
+
+
+async def serve_in_process(
+    app: Quart,
+    settings: Settings,
+    shutdown_trigger: Callable[[], Awaitable[None]],
+    on_listening: Callable[[int], None] | None = None,
+) -> None:
+    """Serve `app` in this event loop until `shutdown_trigger` returns, then stop gracefully.
+
+    `on_listening` is called with the port once the socket listens (port 0 picks a free one).
+    """
+    sock = bind_socket(settings.host, settings.port)
+    _listening(settings, sock, workers=1)
+    if on_listening is not None:
+        on_listening(sock.getsockname()[1])
+    config = hypercorn_config(settings, sock)
+    await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger)
+
+
+def serve_with_workers(settings: Settings) -> int:
+    """Several worker processes, each with its own app built from the environment."""
+    sock = bind_socket(settings.host, settings.port, reuse_port=True)
+    _listening(settings, sock, workers=settings.workers)
+    config = hypercorn_config(settings, sock)
+    config.workers = settings.workers
+    config.application_path = WORKER_APPLICATION_PATH
+    return hypercorn_run(config)
+
+
+async def wait_for_signal() -> None:
+    """Return at the first SIGTERM or SIGINT."""
+    import signal
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+        log.info("stopping", reason="signal")
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)

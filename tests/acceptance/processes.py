@@ -1,0 +1,127 @@
+"""Running the real `aircall-relay` command in a subprocess, reading its JSON log lines."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+VENV_BIN = Path(sys.executable).parent
+RELAY = str(VENV_BIN / "aircall-relay")
+
+
+def relay_env(database_url: str, **settings: str) -> dict[str, str]:
+    """A clean environment: no RELAY_* from the caller, only what the test gives."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RELAY_")}
+    env["RELAY_DATABASE_URL"] = database_url
+    env["RELAY_LOG_FORMAT"] = "json"
+    env.update({f"RELAY_{key.upper()}": value for key, value in settings.items()})
+    return env
+
+
+def run_relay(
+    *args: str, env: dict[str, str], timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [RELAY, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+class RelayProcess:
+    """`aircall-relay <args>` in the background; its stdout is collected line by line."""
+
+    def __init__(self, *args: str, env: dict[str, str]) -> None:
+        self.process = subprocess.Popen(
+            [RELAY, *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._new_line = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            with self._new_line:
+                self.lines.append(line.rstrip("\n"))
+                self._new_line.notify_all()
+
+    def records(self) -> list[dict[str, Any]]:
+        result = []
+        for line in list(self.lines):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                result.append(record)
+        return result
+
+    def wait_for_log(self, event: str, timeout: float = 30) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        with self._new_line:
+            while True:
+                for record in self.records():
+                    if record.get("event") == event:
+                        return record
+                if self.process.poll() is not None and not self._reader.is_alive():
+                    raise AssertionError(
+                        f"process exited ({self.process.returncode}) before logging {event!r}:\n"
+                        + "\n".join(self.lines[-30:])
+                    )
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(
+                        f"no {event!r} log line within {timeout} s:\n" + "\n".join(self.lines[-30:])
+                    )
+                self._new_line.wait(min(remaining, 0.2))
+
+    def port(self) -> int:
+        return int(self.wait_for_log("listening")["port"])
+
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port()}"
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float = 30) -> int:
+        code = self.process.wait(timeout)
+        self._reader.join(5)
+        return code
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def tail(self, count: int = 40) -> str:
+        """The last lines of output, for failure messages."""
+        return "\n".join(self.lines[-count:])
+
+    def kill(self) -> int:
+        """SIGKILL, then the exit code (minus the signal number)."""
+        self.process.kill()
+        return self.wait(10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self._reader.join(5)

@@ -1,0 +1,297 @@
+"""The drainer's side of the store, on SQLite and PostgreSQL: claims in key order with the
+settle window, runs, leases and their expiry, finishing a request, late events, and the
+questions the drainer asks."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from relay import aircall
+from relay.db.delivery import DeadRows, DeliveryStore, RequestRecord, RetryRows
+from relay.db.engine import create_engine
+from relay.db.store import IncomingEvent, OutboxStore
+from tests.support import OutboxDatabase
+
+pytestmark = pytest.mark.anyio
+
+T0 = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
+LEASE = timedelta(seconds=60)
+SETTLE = timedelta(seconds=5)
+
+
+def incoming(
+    event: str,
+    resource_id: int,
+    timestamp: int,
+    received_at: datetime,
+    resource: str | None = None,
+    forward: bool = True,
+    extra: dict[str, object] | None = None,
+) -> IncomingEvent:
+    resource = resource or event.split(".")[0]
+    data: dict[str, object] = {"id": resource_id, **(extra or {})}
+    key = aircall.dedup_key(resource, event, timestamp, data)
+    return IncomingEvent(
+        dedup_key=key,
+        message_id=aircall.message_id_for(key),
+        source="main",
+        resource=resource,
+        event=event,
+        resource_id=str(resource_id),
+        ordering_key=f"{resource}:{resource_id}",
+        occurred_at=datetime.fromtimestamp(timestamp, tz=UTC),
+        received_at=received_at,
+        payload={"resource": resource, "event": event, "timestamp": timestamp, "data": data},
+        forward=forward,
+        skip_reason=None if forward else "filtered",
+    )
+
+
+class Harness:
+    def __init__(self, outbox: OutboxStore, delivery: DeliveryStore) -> None:
+        self.outbox = outbox
+        self.delivery = delivery
+
+    async def add(self, *events: IncomingEvent) -> list[int]:
+        stored = await self.outbox.insert_events(list(events))
+        return [row.id for row in stored]
+
+    async def claim(
+        self, now: datetime, owner: str = "a", max_events: int = 100, max_per_key: int = 100
+    ) -> list[tuple[str, str]]:
+        claimed = await self.delivery.claim(
+            owner, now, now - SETTLE, now + LEASE, max_events=max_events, max_per_key=max_per_key
+        )
+        self.last = claimed
+        return [(row.ordering_key, row.event) for row in claimed]
+
+    async def deliver(self, owner: str, ids: list[int], at: datetime) -> None:
+        await self.delivery.finish(owner, record(ids, at, 200, "delivered"), delivered=ids)
+
+
+def record(ids: list[int], at: datetime, status: int | None, outcome: str) -> RequestRecord:
+    return RequestRecord(
+        id=RequestRecord.new_id(),
+        started_at=at,
+        finished_at=at + timedelta(milliseconds=20),
+        event_count=len(ids),
+        body_bytes=100 * len(ids),
+        outbox_ids=ids,
+        http_status=status,
+        outcome=outcome,
+        error=None,
+    )
+
+
+@pytest.fixture
+async def harness(database: OutboxDatabase) -> AsyncIterator[Harness]:
+    engine = create_engine(database.url)
+    yield Harness(OutboxStore(engine), DeliveryStore(engine))
+    await engine.dispose()
+
+
+async def test_nothing_is_claimed_before_the_settle_window(harness: Harness) -> None:
+    await harness.add(incoming("call.created", 1, 100, T0))
+    assert await harness.claim(T0 + timedelta(seconds=4)) == []
+    assert await harness.claim(T0 + timedelta(seconds=5)) == [("call:1", "call.created")]
+
+
+async def test_a_run_comes_in_timestamp_then_lifecycle_order(harness: Harness) -> None:
+    # Received shuffled within the window; two share a timestamp (life cycle breaks the tie).
+    await harness.add(
+        incoming("call.ended", 1, 130, T0),
+        incoming("call.hungup", 1, 110, T0 + timedelta(seconds=1)),
+        incoming("call.answered", 1, 105, T0 + timedelta(seconds=1)),
+        incoming("call.ringing_on_agent", 1, 100, T0 + timedelta(seconds=2)),
+        incoming("call.created", 1, 100, T0 + timedelta(seconds=2)),
+    )
+    claimed = await harness.claim(T0 + timedelta(seconds=10))
+    assert [event for _, event in claimed] == [
+        "call.created",
+        "call.ringing_on_agent",
+        "call.answered",
+        "call.hungup",
+        "call.ended",
+    ]
+
+
+async def test_an_unsettled_earlier_event_holds_back_the_rest_of_its_key_only(
+    harness: Harness,
+) -> None:
+    await harness.add(
+        incoming("call.hungup", 1, 110, T0),
+        incoming("call.created", 2, 100, T0),
+    )
+    # An earlier event of call 1 arrives late: it is not settled yet.
+    await harness.add(incoming("call.created", 1, 100, T0 + timedelta(seconds=4)))
+    claimed = await harness.claim(T0 + timedelta(seconds=6))
+    assert claimed == [("call:2", "call.created")]  # call 2 does not wait on call 1
+    claimed = await harness.claim(T0 + timedelta(seconds=9))
+    assert claimed == [("call:1", "call.created"), ("call:1", "call.hungup")]
+
+
+async def test_a_key_in_flight_is_not_claimed_again(harness: Harness) -> None:
+    await harness.add(incoming("call.created", 1, 100, T0))
+    assert await harness.claim(T0 + timedelta(seconds=6), owner="a")
+    await harness.add(incoming("call.answered", 1, 105, T0 + timedelta(seconds=1)))
+    assert await harness.claim(T0 + timedelta(seconds=7), owner="b") == []
+
+
+async def test_an_expired_lease_is_claimed_again_by_another_drainer(harness: Harness) -> None:
+    await harness.add(incoming("call.created", 1, 100, T0))
+    first = T0 + timedelta(seconds=6)
+    assert await harness.claim(first, owner="a")
+    assert await harness.claim(first + timedelta(seconds=30), owner="b") == []
+    assert await harness.claim(first + LEASE + timedelta(seconds=1), owner="b") == [
+        ("call:1", "call.created")
+    ]
+    # The first owner lost its lease: its late answer changes nothing.
+    ids = [row.id for row in harness.last]
+    outcome = await harness.delivery.finish(
+        "a", record(ids, first, 200, "delivered"), delivered=ids
+    )
+    assert outcome.delivered == 0
+    assert outcome.lost_lease == 1
+
+
+async def test_renewal_keeps_the_lease(harness: Harness) -> None:
+    [row_id] = await harness.add(incoming("call.created", 1, 100, T0))
+    first = T0 + timedelta(seconds=6)
+    assert await harness.claim(first, owner="a")
+    assert await harness.delivery.renew("a", [row_id], first + LEASE * 3) == 1
+    assert await harness.delivery.renew("b", [row_id], first + LEASE * 3) == 0
+    assert await harness.claim(first + LEASE * 2, owner="b") == []
+
+
+async def test_limits_on_events_and_per_key(harness: Harness) -> None:
+    events = [incoming("call.tagged", 1, 100 + n, T0) for n in range(5)]
+    events += [incoming("call.created", n, 100, T0) for n in range(2, 6)]
+    await harness.add(*events)
+    now = T0 + timedelta(seconds=6)
+    claimed = await harness.claim(now, max_events=6, max_per_key=3)
+    assert len(claimed) == 6
+    assert claimed[:3] == [("call:1", "call.tagged")] * 3
+    # The rest of call 1 waits behind its in-flight head; other calls are free.
+    again = await harness.claim(now, owner="b")
+    assert ("call:1", "call.tagged") not in again
+    assert len(again) == 1
+
+
+async def test_release_gives_rows_back_untouched(
+    harness: Harness, database: OutboxDatabase
+) -> None:
+    [row_id] = await harness.add(incoming("call.created", 1, 100, T0))
+    await harness.claim(T0 + timedelta(seconds=6))
+    assert await harness.delivery.release("a", [row_id]) == 1
+    [row] = await database.rows_async()
+    assert (row["status"], row["attempts"], row["claimed_by"]) == ("pending", 0, None)
+
+
+async def test_finish_delivered_retry_and_dead(harness: Harness, database: OutboxDatabase) -> None:
+    ids = await harness.add(*(incoming("call.created", n, 100, T0) for n in range(1, 4)))
+    now = T0 + timedelta(seconds=6)
+    await harness.claim(now)
+    rec = record(ids, now, 200, "delivered")
+    await harness.delivery.finish("a", rec, delivered=[ids[0]])
+    retry_at = now + timedelta(seconds=30)
+    await harness.delivery.finish(
+        "a",
+        record([ids[1]], now, 503, "retry"),
+        retry=RetryRows(ids=[ids[1]], next_attempt_at=retry_at, error="Segment answered 503"),
+    )
+    await harness.delivery.finish(
+        "a", record([ids[2]], now, 400, "rejected"), dead=[DeadRows(ids=[ids[2]], reason="bad")]
+    )
+    rows = {row["id"]: row for row in await database.rows_async()}
+    assert rows[ids[0]]["status"] == "delivered"
+    assert rows[ids[0]]["request_id"] == rec.id
+    assert rows[ids[0]]["delivered_at"] is not None
+    assert rows[ids[0]]["attempts"] == 1
+    assert rows[ids[1]]["status"] == "pending"
+    assert rows[ids[1]]["last_http_status"] == 503
+    assert rows[ids[1]]["last_error"] == "Segment answered 503"
+    assert rows[ids[2]]["status"] == "dead"
+    assert rows[ids[2]]["last_error"] == "bad"
+    assert all(row["claimed_by"] is None for row in rows.values())
+    requests = await database.rows_async("SELECT * FROM delivery_requests ORDER BY started_at")
+    assert len(requests) == 3
+    assert {request["http_status"] for request in requests} == {200, 503, 400}
+    # The retry waits for its time, then is claimable again.
+    assert await harness.claim(retry_at - timedelta(seconds=1)) == []
+    assert await harness.claim(retry_at) == [("call:2", "call.created")]
+
+
+async def test_dead_rows_do_not_block_their_key(harness: Harness) -> None:
+    first, _ = await harness.add(
+        incoming("call.created", 1, 100, T0), incoming("call.answered", 1, 105, T0)
+    )
+    now = T0 + timedelta(seconds=6)
+    await harness.claim(now, max_per_key=1)
+    await harness.delivery.finish(
+        "a", record([first], now, 400, "rejected"), dead=[DeadRows(ids=[first], reason="bad")]
+    )
+    assert await harness.claim(now) == [("call:1", "call.answered")]
+
+
+async def test_an_event_delivered_after_a_later_one_is_late(
+    harness: Harness, database: OutboxDatabase
+) -> None:
+    [hungup] = await harness.add(incoming("call.hungup", 1, 110, T0))
+    now = T0 + timedelta(seconds=6)
+    await harness.claim(now)
+    await harness.deliver("a", [hungup], now)
+    # Aircall retried an earlier event of the call long after.
+    [answered] = await harness.add(incoming("call.answered", 1, 105, T0 + timedelta(minutes=5)))
+    later = T0 + timedelta(minutes=6)
+    assert await harness.claim(later) == [("call:1", "call.answered")]
+    outcome = await harness.delivery.finish(
+        "a", record([answered], later, 200, "delivered"), delivered=[answered]
+    )
+    assert (outcome.delivered, outcome.late) == (1, 1)
+    rows = {row["id"]: row for row in await database.rows_async()}
+    assert rows[answered]["late"]
+    assert not rows[hungup]["late"]
+
+
+async def test_a_run_delivered_together_is_not_late(harness: Harness) -> None:
+    ids = await harness.add(
+        incoming("call.created", 1, 100, T0), incoming("call.hungup", 1, 110, T0)
+    )
+    now = T0 + timedelta(seconds=6)
+    await harness.claim(now)
+    outcome = await harness.delivery.finish("a", record(ids, now, 200, "x"), delivered=ids)
+    assert (outcome.delivered, outcome.late) == (2, 0)
+
+
+async def test_skipped_rows_are_never_claimed(harness: Harness) -> None:
+    await harness.add(incoming("call.hold", 1, 100, T0, forward=False))
+    assert await harness.claim(T0 + timedelta(hours=1)) == []
+
+
+async def test_calls_awaiting_call_ended(harness: Harness) -> None:
+    await harness.add(
+        incoming("call.hungup", 1, 110, T0),
+        incoming("call.hungup", 2, 110, T0),
+        incoming("call.ended", 2, 140, T0 + timedelta(seconds=30)),
+        incoming("call.hungup", 3, 110, T0 + timedelta(minutes=9)),
+    )
+    awaiting = await harness.delivery.calls_awaiting_ended(T0 + timedelta(minutes=5))
+    assert [call.ordering_key for call in awaiting] == ["call:1"]
+    assert awaiting[0].hungup_received_at == T0
+
+
+async def test_backlog(harness: Harness) -> None:
+    ids = await harness.add(
+        *(incoming("call.created", n, 100, T0 + timedelta(seconds=n)) for n in range(3))
+    )
+    now = T0 + timedelta(seconds=6)
+    await harness.claim(now, max_events=1)
+    await harness.delivery.finish(
+        "a", record(ids[:1], now, 400, "x"), dead=[DeadRows(ids=ids[:1], reason="bad")]
+    )
+    backlog = await harness.delivery.backlog()
+    assert (backlog.pending, backlog.delivering, backlog.dead) == (2, 0, 1)
+    assert backlog.oldest_pending_received_at == T0 + timedelta(seconds=1)

@@ -1,0 +1,317 @@
+"""Test helpers shared by every tier: databases (SQLite files, PostgreSQL databases), the sample
+payloads, a receiver served over real HTTP in a background thread, and SQL queries for checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import os
+import shutil
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from relay.db.migrate import upgrade_to_head
+from relay.settings import normalise_database_url
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+EXAMPLES = SHARED / "examples" / "aircall"
+SAMPLE_TOKEN = "7c2e91a04bd35f6e8a1d0c9b47f2e6a3"
+SECOND_TOKEN = "f00dfeedf00dfeedf00dfeedf00dfeed"
+POSTGRES_ADMIN_URL = os.environ.get(
+    "RELAY_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+)
+
+
+def sample(event: str) -> dict[str, Any]:
+    """A fresh copy of the shared sample payload of `event` (token included, as Aircall sends)."""
+    path = EXAMPLES / f"{event}.json"
+    if not path.exists():
+        pytest.fail(f"sample payload missing: {path} (is ../shared beside the repository?)")
+    return copy.deepcopy(json.loads(path.read_text()))
+
+
+def sample_events() -> list[str]:
+    if not EXAMPLES.is_dir():
+        pytest.fail(f"sample payloads missing: {EXAMPLES} (is ../shared beside the repository?)")
+    return sorted(path.stem for path in EXAMPLES.glob("*.json"))
+
+
+# ---------------------------------------------------------------------------------------------
+# PostgreSQL
+
+
+_postgres_state: dict[str, str | None] = {}
+
+
+def postgres_unavailable_reason() -> str | None:
+    """None when the server answers; else why not (cached for the session)."""
+    if "reason" not in _postgres_state:
+
+        async def probe() -> None:
+            engine = create_async_engine(POSTGRES_ADMIN_URL, connect_args={"timeout": 3})
+            try:
+                async with engine.connect() as connection:
+                    await connection.execute(text("SELECT 1"))
+            finally:
+                await engine.dispose()
+
+        try:
+            asyncio.run(probe())
+            _postgres_state["reason"] = None
+        except Exception as error:
+            _postgres_state["reason"] = f"no PostgreSQL at {POSTGRES_ADMIN_URL}: {error!r}"
+    return _postgres_state["reason"]
+
+
+def require_postgres() -> None:
+    reason = postgres_unavailable_reason()
+    if reason is None:
+        return
+    if os.environ.get("RELAY_TEST_REQUIRE_POSTGRES") == "1":
+        pytest.fail(f"{reason} (RELAY_TEST_REQUIRE_POSTGRES=1: PostgreSQL is required here)")
+    pytest.skip(reason)
+
+
+async def _admin(*statements: str) -> None:
+    engine = create_async_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        async with engine.connect() as connection:
+            for statement in statements:
+                await connection.execute(text(statement))
+    finally:
+        await engine.dispose()
+
+
+def postgres_url(database: str) -> str:
+    base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0]
+    return f"{base}/{database}"
+
+
+def create_postgres_database(template: str | None = None) -> str:
+    name = f"relay_t_{uuid.uuid4().hex[:12]}"
+    clause = f" TEMPLATE {template}" if template else ""
+    asyncio.run(_admin(f'CREATE DATABASE "{name}"{clause}'))
+    return name
+
+
+def drop_postgres_database(name: str) -> None:
+    asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+# ---------------------------------------------------------------------------------------------
+# Queries for assertions
+
+
+async def fetch_all_async(url: str, sql: str, **params: Any) -> list[dict[str, Any]]:
+    engine = create_async_engine(normalise_database_url(url))
+    try:
+        async with engine.connect() as connection:
+            result = await connection.execute(text(sql), params)
+            return [dict(row._mapping) for row in result]
+    finally:
+        await engine.dispose()
+
+
+def fetch_all(url: str, sql: str, **params: Any) -> list[dict[str, Any]]:
+    return asyncio.run(fetch_all_async(url, sql, **params))
+
+
+def count_rows(url: str, table: str = "outbox") -> int:
+    return int(fetch_all(url, f"SELECT count(*) AS n FROM {table}")[0]["n"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Databases for tests: a migrated template per session, copied for each test
+
+
+@dataclass
+class OutboxDatabase:
+    kind: str  # "sqlite" or "postgresql"
+    url: str
+
+    def rows(
+        self, sql: str = "SELECT * FROM outbox ORDER BY id", **params: Any
+    ) -> list[dict[str, Any]]:
+        return fetch_all(self.url, sql, **params)
+
+    def count(self, table: str = "outbox") -> int:
+        return count_rows(self.url, table)
+
+    async def rows_async(
+        self, sql: str = "SELECT * FROM outbox ORDER BY id", **params: Any
+    ) -> list[dict[str, Any]]:
+        return await fetch_all_async(self.url, sql, **params)
+
+
+class DatabaseFactory:
+    """Makes migrated databases quickly: SQLite by copying a migrated file, PostgreSQL by
+    `CREATE DATABASE ... TEMPLATE` of a migrated template."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self._sqlite_template: Path | None = None
+        self._postgres_template: str | None = None
+        self._created: list[str] = []
+
+    def sqlite(self, directory: Path, migrated: bool = True) -> OutboxDatabase:
+        path = directory / "outbox.sqlite3"
+        if migrated:
+            if self._sqlite_template is None:
+                self._sqlite_template = self.workdir / "template.sqlite3"
+                upgrade_to_head(f"sqlite+aiosqlite:///{self._sqlite_template}")
+            shutil.copyfile(self._sqlite_template, path)
+        return OutboxDatabase("sqlite", f"sqlite+aiosqlite:///{path}")
+
+    def postgresql(self, migrated: bool = True) -> OutboxDatabase:
+        require_postgres()
+        if migrated and self._postgres_template is None:
+            self._postgres_template = create_postgres_database()
+            self._created.append(self._postgres_template)
+            upgrade_to_head(postgres_url(self._postgres_template))
+        name = create_postgres_database(self._postgres_template if migrated else None)
+        self._created.append(name)
+        return OutboxDatabase("postgresql", postgres_url(name))
+
+    def make(self, kind: str, directory: Path, migrated: bool = True) -> OutboxDatabase:
+        if kind == "sqlite":
+            return self.sqlite(directory, migrated)
+        return self.postgresql(migrated)
+
+    def cleanup(self) -> None:
+        for name in reversed(self._created):
+            drop_postgres_database(name)
+        self._created.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# A receiver over real HTTP, in a background thread of this process
+
+
+class ReceiverThread:
+    """Runs the real Quart app on Hypercorn in a thread with its own event loop."""
+
+    def __init__(self, settings: Any) -> None:
+        self.settings = settings.with_overrides(port=0)
+        self.port: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="receiver", daemon=True)
+        self.app: Any = None
+
+    def _main(self) -> None:
+        try:
+            asyncio.run(self._serve())
+        except BaseException as error:
+            self._error = error
+            self._ready.set()
+
+    async def _serve(self) -> None:
+        from relay.cli import build_receiver_app
+        from relay.receiver.serve import serve_in_process
+
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self.app = build_receiver_app(self.settings)
+
+        def listening(port: int) -> None:
+            self.port = port
+            self._ready.set()
+
+        await serve_in_process(self.app, self.settings, self._stop.wait, on_listening=listening)
+
+    def start(self) -> ReceiverThread:
+        self._thread.start()
+        if not self._ready.wait(30) or self.port is None:
+            raise RuntimeError(f"receiver did not start: {self._error!r}")
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+        if self._thread.is_alive():
+            raise RuntimeError("receiver did not stop within 30 s")
+
+
+@contextmanager
+def running_receiver(settings: Any) -> Iterator[ReceiverThread]:
+    receiver = ReceiverThread(settings).start()
+    try:
+        yield receiver
+    finally:
+        receiver.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Event streams built from the samples
+
+
+CALL_LIFECYCLE_SAMPLES = (
+    "call.created",
+    "call.ringing_on_agent",
+    "call.agent_declined",
+    "call.answered",
+    "call.transferred",
+    "call.hungup",
+    "call.ended",
+    "call.tagged",
+    "call.commented",
+    "call.assigned",
+    "call.untagged",
+    "call.archived",
+)
+
+
+def call_lifecycle(call_id: int, shift_seconds: int = 0) -> list[dict[str, Any]]:
+    """The sample call's twelve events, in life-cycle order, for call `call_id` (token removed).
+
+    Their Aircall timestamps are the samples' (strictly increasing), shifted by `shift_seconds`.
+    """
+    events = []
+    for name in CALL_LIFECYCLE_SAMPLES:
+        body = sample(name)
+        del body["token"]
+        body["data"]["id"] = call_id
+        body["timestamp"] += shift_seconds
+        events.append(body)
+    return events
+
+
+def incoming_event(body: dict[str, Any], received_at: Any, source: str = "main") -> Any:
+    """An `IncomingEvent` for `OutboxStore.insert_events`, as the receiver would build it from
+    `body` (a webhook without its token) received at `received_at`, to be forwarded."""
+    from relay import aircall
+    from relay.db.store import IncomingEvent
+
+    envelope = aircall.validate_envelope(body)
+    return IncomingEvent(
+        dedup_key=envelope.dedup_key,
+        message_id=envelope.message_id,
+        source=source,
+        resource=envelope.resource,
+        event=envelope.event,
+        resource_id=envelope.resource_id,
+        ordering_key=envelope.ordering_key,
+        occurred_at=envelope.occurred_at,
+        received_at=received_at,
+        payload=envelope.payload,
+        forward=True,
+    )

@@ -1,0 +1,172 @@
+"""Settings: environment, TOML, validation messages that name the setting and hide secrets."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from relay.aircall import SEGMENT_CATALOGUE_EVENTS
+from relay.settings import SPECS, Secret, Settings, SettingsError, load_settings
+from tests.support import ROOT
+
+TOKEN = "0123456789abcdef0123456789abcdef"
+
+
+def test_defaults() -> None:
+    settings = load_settings({})
+    assert settings.database_url == "sqlite+aiosqlite:///data/outbox.sqlite3"
+    assert settings.forward_events == frozenset(SEGMENT_CATALOGUE_EVENTS)
+    assert settings.max_body_bytes == 256 * 1024
+    assert settings.webhook_path == "/aircall/webhook"
+    assert settings.aircall_tokens == ()
+    assert settings == Settings()
+
+
+def test_tokens_with_labels_and_a_bare_token() -> None:
+    settings = load_settings({"RELAY_AIRCALL_TOKENS": f"eu:{TOKEN}, {TOKEN[::-1]}"})
+    assert [token.label for token in settings.aircall_tokens] == ["eu", "default"]
+    assert settings.aircall_tokens[0].token.reveal() == TOKEN
+    assert TOKEN not in repr(settings)
+    assert TOKEN not in str(settings.aircall_tokens)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("main:zq9", "shorter than 16"),
+        (f"a b:{TOKEN}", "invalid label"),
+        (f"x:{TOKEN},x:{TOKEN[::-1]}", "used twice"),
+        (f"x:{TOKEN},y:{TOKEN}", "repeats a token"),
+    ],
+)
+def test_bad_tokens_are_refused_without_showing_them(value: str, message: str) -> None:
+    with pytest.raises(SettingsError, match=message) as caught:
+        load_settings({"RELAY_AIRCALL_TOKENS": value})
+    assert "RELAY_AIRCALL_TOKENS" in str(caught.value)
+    assert TOKEN not in str(caught.value)
+    assert TOKEN[::-1] not in str(caught.value)
+    assert "zq9" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("", frozenset()),
+        ("null", frozenset()),
+        ("*", None),
+        ("call.created, call.hold", frozenset({"call.created", "call.hold"})),
+    ],
+)
+def test_forward_events(raw: str, expected: frozenset[str] | None) -> None:
+    settings = load_settings({"RELAY_FORWARD_EVENTS": raw})
+    assert settings.forward_events == expected
+    assert settings.forwards("call.created") == (expected is None or "call.created" in expected)
+
+
+def test_forward_events_names_are_checked_and_unknown_ones_reported() -> None:
+    with pytest.raises(SettingsError, match="RELAY_FORWARD_EVENTS"):
+        load_settings({"RELAY_FORWARD_EVENTS": "Call Created"})
+    settings = load_settings({"RELAY_FORWARD_EVENTS": "call.created,call.endded"})
+    assert settings.unknown_forward_events() == ["call.endded"]
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("RELAY_MAX_BODY_BYTES", "lots", "expected an integer"),
+        ("RELAY_MAX_BODY_BYTES", "10", "must be from 1024"),
+        ("RELAY_PORT", "70000", "must be from 0 to 65535"),
+        ("RELAY_DATABASE_URL", "mysql://x/y", "expected a sqlite"),
+        ("RELAY_LOG_FORMAT", "xml", "expected one of"),
+        ("RELAY_WEBHOOK_PATH", "no-slash", "expected a URL path"),
+        ("RELAY_DATABASE_TIMEOUT_SECONDS", "-1", "must be from"),
+        ("RELAY_SEGMENT_BASE_URL", "ftp://x", "expected 'us', 'eu'"),
+        ("RELAY_NOT_A_SETTING", "1", "unknown setting"),
+    ],
+)
+def test_errors_name_the_setting(name: str, value: str, message: str) -> None:
+    with pytest.raises(SettingsError, match=message) as caught:
+        load_settings({name: value})
+    assert str(caught.value).startswith(name)
+
+
+def test_database_url_drivers_are_chosen() -> None:
+    assert load_settings({"RELAY_DATABASE_URL": "sqlite:////var/lib/x.db"}).database_url == (
+        "sqlite+aiosqlite:////var/lib/x.db"
+    )
+    assert load_settings({"RELAY_DATABASE_URL": "postgresql://u@h/d"}).database_url == (
+        "postgresql+asyncpg://u@h/d"
+    )
+
+
+def test_segment_region_shortcuts() -> None:
+    assert load_settings({"RELAY_SEGMENT_BASE_URL": "eu"}).segment_base_url == (
+        "https://events.eu1.segmentapis.com"
+    )
+    assert load_settings({"RELAY_SEGMENT_BASE_URL": "http://127.0.0.1:9/"}).segment_base_url == (
+        "http://127.0.0.1:9"
+    )
+
+
+def test_write_key_is_a_secret() -> None:
+    settings = load_settings({"RELAY_SEGMENT_WRITE_KEY": "wk-secret-value"})
+    assert settings.segment_write_key == Secret("wk-secret-value")
+    assert "wk-secret-value" not in repr(settings)
+    assert "wk-secret-value" in settings.secrets()
+
+
+def test_toml_file_and_environment_precedence(tmp_path: Path) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_text(
+        '[relay]\nport = 9000\nforward_events = ["call.created"]\n'
+        f'aircall_tokens = ["main:{TOKEN}"]\n'
+    )
+    settings = load_settings({"RELAY_PORT": "9100"}, config_file=str(path))
+    assert settings.port == 9100
+    assert settings.forward_events == frozenset({"call.created"})
+    assert settings.aircall_tokens[0].label == "main"
+    settings = load_settings({"RELAY_CONFIG_FILE": str(path)})
+    assert settings.port == 9000
+
+
+def test_toml_errors(tmp_path: Path) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_text("port = 'x'\n")
+    with pytest.raises(SettingsError, match="port: expected an integer"):
+        load_settings({}, config_file=str(path))
+    path.write_text("prot = 1\n")
+    with pytest.raises(SettingsError, match="unknown setting 'prot'"):
+        load_settings({}, config_file=str(path))
+    path.write_text("port = \n")
+    with pytest.raises(SettingsError, match="not valid TOML"):
+        load_settings({}, config_file=str(path))
+    with pytest.raises(SettingsError, match="no such file"):
+        load_settings({}, config_file=str(tmp_path / "missing.toml"))
+
+
+def test_hash_paths_need_a_key() -> None:
+    with pytest.raises(SettingsError, match="RELAY_PII_HASH_KEY"):
+        load_settings({"RELAY_PII_HASH_PATHS": "raw_digits"})
+
+
+def test_tls_needs_both_files(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="set both"):
+        Settings(tls_certfile=str(tmp_path / "c.pem")).check_tls()
+    with pytest.raises(SettingsError, match="no readable file"):
+        Settings(
+            tls_certfile=str(tmp_path / "c.pem"), tls_keyfile=str(tmp_path / "k.pem")
+        ).check_tls()
+
+
+def test_every_setting_is_documented_and_every_documented_setting_exists() -> None:
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    documented = set(re.findall(r"`(RELAY_[A-Z0-9_]+)`", text))
+    declared = {spec.env for spec in SPECS} | {"RELAY_CONFIG_FILE"}
+    assert declared - documented == set(), "settings missing from docs/configuration.md"
+    assert documented - declared == set(), "docs/configuration.md names settings that do not exist"
+    for spec in SPECS:
+        assert spec.help, spec.name
+    fields = set(Settings.__dataclass_fields__) - {"config_file"}
+    assert fields == {spec.name for spec in SPECS}
