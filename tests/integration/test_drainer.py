@@ -153,15 +153,31 @@ def accepted_events_of(fake: FakeSegment, call: int) -> list[str]:
 # --- order --------------------------------------------------------------------------------------
 
 
+# The order tests post their webhooks one commit at a time while the drainer runs, all of them
+# "received" at the moment posting starts: they are within the settle window as long as posting
+# takes less than it. 0.3 s was too short on a loaded machine (the later commits then arrived
+# after the earlier ones had been delivered, and were rightly delivered late).
+ORDERED = replace(FAST, settle_seconds=1.5)
+
+
+@pytest.fixture
+async def ordered_relay(database: OutboxDatabase, fake: FakeSegment) -> AsyncIterator[Relay]:
+    made = Relay(database, fake, ORDERED)
+    yield made
+    await made.engine.dispose()
+
+
 async def test_a_calls_events_shuffled_within_the_window_arrive_in_order(
-    relay: Relay, fake: FakeSegment
+    ordered_relay: Relay, fake: FakeSegment
 ) -> None:
+    relay = ordered_relay
     events = call_lifecycle(1903456789)
     shuffled = events[:]
     random.Random(3).shuffle(shuffled)
     async with draining(relay.drainer()):
+        received_at = datetime.now(UTC)
         for body in shuffled:  # one webhook at a time, all within the settle window
-            await relay.receive(body)
+            await relay.receive(body, received_at=received_at)
         await relay.wait_accepted(12)
     assert accepted_events_of(fake, 1903456789) == [body["event"] for body in events]
     fake.assert_no_discards()
@@ -171,14 +187,18 @@ async def test_a_calls_events_shuffled_within_the_window_arrive_in_order(
     assert not any(row["late"] for row in rows)
 
 
-async def test_many_calls_interleaved_keep_their_own_order(relay: Relay, fake: FakeSegment) -> None:
+async def test_many_calls_interleaved_keep_their_own_order(
+    ordered_relay: Relay, fake: FakeSegment
+) -> None:
+    relay = ordered_relay
     calls = [7_000_000 + n for n in range(40)]
     streams = {call: call_lifecycle(call, shift_seconds=n) for n, call in enumerate(calls)}
     mixed = [body for stream in streams.values() for body in stream]
     random.Random(11).shuffle(mixed)
     async with draining(relay.drainer()):
+        received_at = datetime.now(UTC)
         for start in range(0, len(mixed), 60):
-            await relay.receive(*mixed[start : start + 60])
+            await relay.receive(*mixed[start : start + 60], received_at=received_at)
         await relay.wait_accepted(len(mixed))
     for call, stream in streams.items():
         assert accepted_events_of(fake, call) == [body["event"] for body in stream]
