@@ -28,6 +28,7 @@ from relay.db.delivery import DeliveryStore
 from relay.db.engine import create_engine, is_sqlite, sqlite_path
 from relay.db.inspect import OutboxInspector
 from relay.db.migrate import head_revision, upgrade_to_head
+from relay.db.notify import listener_for
 from relay.db.store import OutboxStore
 from relay.drainer.loop import Drainer, DrainerConfig, DrainSummary, utc_now
 from relay.drainer.retention import RetentionPolicy, run_retention
@@ -104,7 +105,14 @@ def build_drainer(settings: Settings, require_write_key: bool) -> Drainer:
             max_connections=settings.segment_concurrency,
         )
     )
-    return Drainer(DeliveryStore(engine), sender, config, settings.mapping_options())
+    return Drainer(
+        DeliveryStore(engine),
+        sender,
+        config,
+        settings.mapping_options(),
+        # PostgreSQL: LISTEN for the receivers' commits (None on SQLite, which only polls).
+        notifications=listener_for(settings.database_url, settings.database_timeout_seconds),
+    )
 
 
 def retention_task(settings: Settings, drainer: Drainer) -> Callable[[], Coroutine[Any, Any, None]]:
@@ -117,6 +125,8 @@ def retention_task(settings: Settings, drainer: Drainer) -> Callable[[], Corouti
 async def close_drainer(drainer: Drainer) -> None:
     if isinstance(drainer.sender, SegmentSender):
         await drainer.sender.close()
+    if drainer.notifications is not None:
+        await drainer.notifications.close()
     await drainer.store.engine.dispose()
 
 

@@ -467,6 +467,15 @@ SPECS: Final[tuple[SettingSpec, ...]] = (
         group="drainer",
     ),
     SettingSpec(
+        "listen_poll_seconds",
+        _number(0.01, 600.0),
+        5.0,
+        "On PostgreSQL, how often an idle drainer looks for deliverable rows while it listens "
+        "for the receivers' notifications (which wake it for new rows); `poll_seconds` applies "
+        "on SQLite and while the listener reconnects.",
+        group="drainer",
+    ),
+    SettingSpec(
         "call_ended_timeout_seconds",
         _number(1.0, 86400.0),
         600.0,
@@ -560,6 +569,7 @@ class Settings:
     settle_seconds: float = 5.0
     lease_seconds: float = 60.0
     poll_seconds: float = 0.25
+    listen_poll_seconds: float = 5.0
     call_ended_timeout_seconds: float = 600.0
     retention_delivered_days: float = 0.0
     retention_skipped_days: float = 0.0

@@ -23,6 +23,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from relay.db.engine import sqlite_writer_connector, writer
+from relay.db.notify import notify_statement
 from relay.db.tables import outbox
 
 
@@ -83,7 +84,8 @@ class OutboxStore:
         The statement is compiled once (`_BatchInsert`). On a SQLite file the whole transaction
         (`executemany` of the upsert, then one SELECT of the rows' outcomes) runs in one call on
         a thread of its own (`_SqliteBatchWriter`); on PostgreSQL it is one multi-row
-        `INSERT ... RETURNING`.
+        `INSERT ... RETURNING`, then one NOTIFY if new rows are to be delivered
+        (`relay/db/notify.py`).
         """
         copies: dict[str, int] = {}
         first: dict[str, IncomingEvent] = {}
@@ -123,6 +125,12 @@ class OutboxStore:
                 sql = statement.insert_returning(len(rows))
                 flat = tuple(value for row in rows for value in row)
                 result: Sequence[Any] = (await connection.exec_driver_sql(sql, flat)).all()
+                # Wake the drainers: one NOTIFY per commit that holds new rows to deliver, in
+                # the transaction, so PostgreSQL delivers it only if the commit succeeds.
+                new_rows = _new_pending_rows(rows, result)
+                if new_rows:
+                    sql, parameters = notify_statement(new_rows)
+                    await connection.exec_driver_sql(sql, parameters)
             else:
                 await connection.exec_driver_sql(statement.sql, rows)
                 sql, parameters = statement.select_outcomes(keys)
@@ -195,6 +203,8 @@ _CONVERTED_COLUMNS: Final[frozenset[str]] = frozenset(
     {"occurred_at", "received_at", "last_received_at", "next_attempt_at", "payload", "late"}
 )
 _NUMBERED_PARAMETER: Final = re.compile(r"\$(\d+)")
+_DEDUP_KEY: Final = _WRITTEN_COLUMNS.index("dedup_key")
+_RECEIVED_COUNT: Final = _WRITTEN_COLUMNS.index("received_count")
 
 
 class _BatchInsert:
@@ -291,6 +301,15 @@ class _BatchInsert:
             sql = f"{columns} IN ({', '.join('?' * len(keys))})"
             self._select_sql[len(keys)] = sql
         return sql, tuple(keys)
+
+
+def _new_pending_rows(rows: list[tuple[Any, ...]], returned: Sequence[Any]) -> int:
+    """How many of the upsert's rows are new and `pending` (each `returned` row is (id,
+    dedup_key, received_count, status)); duplicates and skipped events need no drainer."""
+    copies = {row[_DEDUP_KEY]: row[_RECEIVED_COUNT] for row in rows}
+    return sum(
+        1 for _, key, count, status in returned if status == "pending" and count == copies[key]
+    )
 
 
 def _shift_parameters(sql: str, shift: int) -> str:

@@ -7,6 +7,10 @@ key's run stays in one request) -> wait for any 429 pause and the token buckets 
 record the request and its rows' fate in one transaction. Leases are renewed while requests are
 in flight. On stop (SIGTERM), nothing new is claimed, in-flight requests get the grace period to
 finish, and any row still held is released.
+
+An idle drainer claims again when a request of its own is recorded, when a wake-up it scheduled
+comes (a receiver's commit, announced by `notifications` on PostgreSQL, has settled; a retry
+falls due), or after its poll interval, longer while it hears of every commit.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from relay.drainer.policy import (
     retry_after_seconds,
 )
 from relay.drainer.sender import SendResult
+from relay.drainer.wakeups import WakeSchedule
 from relay.logs import get_logger
 from relay.segment import (
     MAX_BATCH_BYTES,
@@ -92,6 +97,22 @@ class Sender(Protocol):
     async def post(self, body: bytes) -> SendResult: ...
 
 
+class CommitNotifications(Protocol):
+    """Word of the receivers' commits (PostgreSQL's LISTEN: `relay/db/notify.py`). `run` lasts
+    until cancelled, calling `on_commit` when new rows were committed, and `on_listening` with
+    True each time word can arrive again (commits made before were not announced) and False
+    when it no longer can; `listening` says whether it can arrive now."""
+
+    @property
+    def listening(self) -> bool: ...
+
+    async def run(
+        self, on_commit: Callable[[], None], on_listening: Callable[[bool], None]
+    ) -> None: ...
+
+    async def close(self) -> None: ...
+
+
 def utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -111,6 +132,7 @@ class DrainerConfig:
     settle_seconds: float = 5.0
     lease_seconds: float = 60.0
     poll_seconds: float = 0.25
+    listen_poll_seconds: float = 5.0
     retry_base_seconds: float = 1.0
     retry_cap_seconds: float = 600.0
     max_attempts: int = 0
@@ -130,6 +152,7 @@ class DrainerConfig:
             settle_seconds=settings.settle_seconds,
             lease_seconds=settings.lease_seconds,
             poll_seconds=settings.poll_seconds,
+            listen_poll_seconds=settings.listen_poll_seconds,
             retry_base_seconds=settings.retry_base_seconds,
             retry_cap_seconds=settings.retry_cap_seconds,
             max_attempts=settings.max_attempts,
@@ -182,6 +205,7 @@ class Drainer:
         owner: str | None = None,
         clock: Callable[[], datetime] = utc_now,
         random: Callable[[], float] = random_module.random,
+        notifications: CommitNotifications | None = None,
     ) -> None:
         self.store = store
         self.sender = sender
@@ -199,6 +223,8 @@ class Drainer:
         self._awaiting_answer = 0  # of those, the ones whose request has no answer yet
         self._slots: anyio.CapacityLimiter | None = None  # requests in flight, <= concurrency
         self._wake = anyio.Event()
+        self.notifications = notifications
+        self._wakeups = WakeSchedule(self._wake_now)
         self._rate_limited_until: datetime | None = None
         self._configuration_paused_until: datetime | None = None
         self._reported_awaiting: set[str] = set()
@@ -238,6 +264,9 @@ class Drainer:
                 group.start_soon(self._wake_on, stop)
                 group.start_soon(self._renew_leases_forever)
                 group.start_soon(self._watch_calls_awaiting_ended_forever)
+                group.start_soon(self._wakeups.run)
+                if self.notifications is not None and not once:
+                    group.start_soon(self.notifications.run, self._on_commit, self._on_listening)
                 await self._claim_loop(group, stop, once)
                 self._stopping = True
                 with anyio.move_on_after(self.config.shutdown_grace_seconds):
@@ -299,7 +328,7 @@ class Drainer:
             if not claimed:
                 if once and self._in_flight == 0:
                     return
-                await self._wait(self.config.poll_seconds)
+                await self._wait(self._idle_poll_seconds())
 
     async def _dispatch(
         self, group: anyio.abc.TaskGroup, claimed: Sequence[ClaimedEvent], free: int
@@ -589,12 +618,15 @@ class Drainer:
         retry: RetryRows | None = None,
         dead: Sequence[DeadRows] = (),
     ) -> FinishResult:
-        return await self._retrying(
+        outcome = await self._retrying(
             "finish",
             lambda: self.store.finish(
                 self.owner, record, delivered=delivered, retry=retry, dead=dead
             ),
         )
+        if retry is not None:  # look again when they fall due, whatever the poll interval
+            self._wakeups.wake_after((retry.next_attempt_at - self.clock()).total_seconds())
+        return outcome
 
     async def _release(self, ids: Sequence[int]) -> int:
         return await self._retrying("release", lambda: self.store.release(self.owner, ids))
@@ -661,6 +693,29 @@ class Drainer:
     async def _wake_on(self, stop: anyio.Event) -> None:
         await stop.wait()
         self._wake.set()
+
+    def _wake_now(self) -> None:
+        self._wake.set()
+
+    def _idle_poll_seconds(self) -> float:
+        """How long an idle drainer waits before it claims again, unless woken. While it hears
+        of every commit, only what nothing announces is left to polling (rows another drainer
+        released or failed to record, expired leases, requeued rows): a longer interval."""
+        if self.notifications is not None and self.notifications.listening:
+            return self.config.listen_poll_seconds
+        return self.config.poll_seconds
+
+    def _on_commit(self) -> None:
+        # New rows were committed just now: they become deliverable once settled.
+        self._wakeups.wake_after(self.config.settle_seconds)
+
+    def _on_listening(self, listening: bool) -> None:
+        # Either way, the idle wait under way was chosen for the other state: look now. Rows
+        # committed while no one listened were not announced: look again when the newest of
+        # them has settled.
+        self._wake_now()
+        if listening:
+            self._wakeups.wake_after(self.config.settle_seconds)
 
     # -- background duties -------------------------------------------------------------------
 
