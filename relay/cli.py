@@ -20,6 +20,7 @@ from dataclasses import asdict
 from typing import Any
 
 import anyio
+from prometheus_client import CollectorRegistry
 from quart import Quart
 
 from relay import __version__
@@ -31,6 +32,8 @@ from relay.db.migrate import head_revision, upgrade_to_head
 from relay.db.notify import listener_for
 from relay.db.store import OutboxStore
 from relay.drainer.loop import Drainer, DrainerConfig, DrainSummary, utc_now
+from relay.drainer.metrics import DrainerMetrics
+from relay.drainer.metrics_server import MetricsServer
 from relay.drainer.retention import RetentionPolicy, run_retention
 from relay.drainer.sender import SegmentSender
 from relay.logs import configure_logging, get_logger
@@ -78,15 +81,25 @@ def build_store(settings: Settings) -> OutboxStore:
     return OutboxStore(create_engine(settings.database_url, settings.database_timeout_seconds))
 
 
-def build_receiver_app(settings: Settings) -> Quart:
+def build_receiver_app(
+    settings: Settings, extra_metrics: Sequence[CollectorRegistry] = ()
+) -> Quart:
     settings.require_tokens()
     store = build_store(settings)
     for event in settings.unknown_forward_events():
         log.warning("forward_event_unknown", event=event, setting="RELAY_FORWARD_EVENTS")
-    return create_app(settings, store, head_revision(), on_shutdown=store.engine.dispose)
+    return create_app(
+        settings,
+        store,
+        head_revision(),
+        on_shutdown=store.engine.dispose,
+        extra_metrics=extra_metrics,
+    )
 
 
-def build_drainer(settings: Settings, require_write_key: bool) -> Drainer:
+def build_drainer(
+    settings: Settings, require_write_key: bool, metrics: DrainerMetrics | None = None
+) -> Drainer:
     """The drainer; without a write key it runs paused (for `run`) or is refused (for `drain`)."""
     if settings.segment_write_key is None and require_write_key:
         raise SettingsError(
@@ -110,9 +123,27 @@ def build_drainer(settings: Settings, require_write_key: bool) -> Drainer:
         sender,
         config,
         settings.mapping_options(),
+        metrics=metrics,
         # PostgreSQL: LISTEN for the receivers' commits (None on SQLite, which only polls).
         notifications=listener_for(settings.database_url, settings.database_timeout_seconds),
     )
+
+
+def serve_drainer_metrics(settings: Settings, drainer: Drainer) -> MetricsServer | None:
+    """The drainer's `/metrics` on its own port (None when `RELAY_DRAINER_METRICS_PORT=off`);
+    a port in use is a SettingsError naming the setting (exit 2)."""
+    if settings.drainer_metrics_port is None:
+        return None
+    server = MetricsServer(
+        drainer.metrics.registry, settings.drainer_metrics_host, settings.drainer_metrics_port
+    )
+    log.info(
+        "metrics_listening",
+        url=server.url,
+        host=server.host,
+        port=server.port,
+    )
+    return server
 
 
 def retention_task(settings: Settings, drainer: Drainer) -> Callable[[], Coroutine[Any, Any, None]]:
@@ -197,7 +228,13 @@ def command_drain(args: argparse.Namespace) -> int:
         finally:
             await close_drainer(drainer)
 
-    summary = anyio.run(main)
+    # `--once` exits as soon as it is done: nothing would scrape it.
+    metrics_server = None if args.once else serve_drainer_metrics(settings, drainer)
+    try:
+        summary = anyio.run(main)
+    finally:
+        if metrics_server is not None:
+            metrics_server.close()
     if args.once:
         print(json.dumps(asdict(summary)))
     return EXIT_OK
@@ -208,8 +245,11 @@ def command_run(args: argparse.Namespace) -> int:
     settings = build_settings(args)
     setup_logging(settings)
     settings.check_tls()
-    app = build_receiver_app(settings)
-    drainer = build_drainer(settings, require_write_key=False)
+    # One scrape for both: the receiver's /metrics renders the drainer's registry too (the
+    # drainer's own metrics port is not opened).
+    drainer_metrics = DrainerMetrics()
+    app = build_receiver_app(settings, extra_metrics=[drainer_metrics.registry])
+    drainer = build_drainer(settings, require_write_key=False, metrics=drainer_metrics)
 
     async def main() -> None:
         # Plain asyncio here: Hypercorn manages its own tasks, and the drainer (anyio) runs on

@@ -264,6 +264,23 @@ def _paths(raw: Any, where: str) -> tuple[str, ...]:
     return tuple(_items(raw, where))
 
 
+def _listen_host(raw: Any, where: str) -> str:
+    host = _text(raw, where)
+    if not host or any(character.isspace() for character in host):
+        raise SettingsError(f"{where}: expected an address to listen on, like 127.0.0.1")
+    return host
+
+
+def _port_or_off(raw: Any, where: str) -> int | None:
+    """A TCP port (0: any free one), or `off` (also an empty value) for none."""
+    if isinstance(raw, str) and raw.strip().lower() in {"", "off"}:
+        return None
+    try:
+        return _integer(0, 65535)(raw, where)
+    except SettingsError as error:
+        raise SettingsError(f"{error} (or `off` for none)") from None
+
+
 # ---------------------------------------------------------------------------------------------
 
 SPECS: Final[tuple[SettingSpec, ...]] = (
@@ -484,6 +501,21 @@ SPECS: Final[tuple[SettingSpec, ...]] = (
         group="drainer",
     ),
     SettingSpec(
+        "drainer_metrics_host",
+        _listen_host,
+        "127.0.0.1",
+        "Address the drainer serves its Prometheus `/metrics` on.",
+        group="drainer",
+    ),
+    SettingSpec(
+        "drainer_metrics_port",
+        _port_or_off,
+        9101,
+        "Port of the drainer's `/metrics`; `off` for none, 0 for any free one. Not used by "
+        "`run`, whose receiver `/metrics` shows the drainer's metrics too.",
+        group="drainer",
+    ),
+    SettingSpec(
         "retention_delivered_days",
         _number(0.0, 36500.0),
         0.0,
@@ -571,6 +603,8 @@ class Settings:
     poll_seconds: float = 0.25
     listen_poll_seconds: float = 5.0
     call_ended_timeout_seconds: float = 600.0
+    drainer_metrics_host: str = "127.0.0.1"
+    drainer_metrics_port: int | None = 9101
     retention_delivered_days: float = 0.0
     retention_skipped_days: float = 0.0
     retention_dead_days: float = 0.0

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from prometheus_client import CollectorRegistry
 from quart import Quart, Response, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from relay import aircall
+from relay.db.gauges import OutboxGauges, read_outbox_gauges
 from relay.db.store import IncomingEvent, OutboxStore, StoredEvent
 from relay.logs import get_logger
 from relay.receiver.batcher import BatcherClosed, BatcherOverloaded, CommitBatcher
@@ -66,7 +68,9 @@ def create_app(
     head_revision: str,
     clock: Callable[[], datetime] | None = None,
     on_shutdown: Callable[[], Any] | None = None,
+    extra_metrics: Sequence[CollectorRegistry] = (),
 ) -> Quart:
+    """The receiver app; `/metrics` also renders `extra_metrics` (`run`: the drainer's)."""
     app = Quart("relay.receiver")
     # Quart enforces this while reading the body, including chunked bodies with no length.
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
@@ -80,6 +84,8 @@ def create_app(
         head_revision=head_revision,
         clock=clock or (lambda: datetime.now(UTC)),
     )
+    for registry in extra_metrics:
+        receiver_metrics.include(registry)
     app.extensions["relay"] = state
 
     @app.before_serving
@@ -134,10 +140,23 @@ def create_app(
 
     @app.get("/metrics")
     async def metrics() -> Response:
+        await _read_outbox_gauges(state)
         text, content_type = state.metrics.render()
         return Response(text, content_type=content_type)
 
     return app
+
+
+async def _read_outbox_gauges(state: ReceiverState) -> None:
+    """Refresh the outbox gauges from the database; a failure shows as `relay_outbox_up 0`."""
+    now = state.clock()
+    cutoff = now - timedelta(seconds=state.settings.call_ended_timeout_seconds)
+    try:
+        gauges: OutboxGauges | None = await read_outbox_gauges(state.store.engine, cutoff)
+    except Exception as error:  # a scrape never fails because the database does
+        log.warning("outbox_gauges_failed", error=f"{type(error).__name__}: {error}")
+        gauges = None
+    state.metrics.outbox.update(gauges, now)
 
 
 async def _handle_webhook(state: ReceiverState) -> tuple[Response, dict[str, Any]]:

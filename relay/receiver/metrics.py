@@ -1,17 +1,82 @@
 """The receiver's Prometheus metrics, in a registry of its own (one per app, so tests are isolated).
 
+Besides the webhook counters, the registry holds the outbox gauges (`OutboxCollector`), which the
+`/metrics` route refreshes from the database before each render; in `run` the drainer's registry
+is rendered after this one (`include`).
+
 Event names are labels only for events Aircall is known to send; anything else is counted as
 `other`, so a stream of invented event names cannot blow up the number of series.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from relay.aircall import KNOWN_EVENTS
+from relay.db.gauges import GAUGE_STATUSES, OutboxGauges
+
+
+class OutboxCollector(Collector):
+    """The outbox gauges, as last read from the database (`update`, at each scrape).
+
+    `relay_outbox_up` says whether that read worked; when it did not, the other gauges are left
+    out rather than shown stale, so that Prometheus marks them absent.
+    """
+
+    def __init__(self) -> None:
+        self._gauges: OutboxGauges | None = None
+        self._read_at: datetime | None = None
+
+    def update(self, gauges: OutboxGauges | None, now: datetime) -> None:
+        self._gauges, self._read_at = gauges, now
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(self._families(None, None))
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families(self._gauges, self._read_at))
+
+    @staticmethod
+    def _families(gauges: OutboxGauges | None, read_at: datetime | None) -> list[Metric]:
+        up = GaugeMetricFamily(
+            "relay_outbox_up",
+            "1 when this scrape could read the outbox gauges from the database, else 0.",
+        )
+        rows = GaugeMetricFamily(
+            "relay_outbox_rows",
+            "Outbox rows by status, read from the database: pending (waiting for delivery), "
+            "delivering (claimed by a drainer), dead (kept until requeued or purged).",
+            labels=["status"],
+        )
+        oldest = GaugeMetricFamily(
+            "relay_outbox_oldest_pending_age_seconds",
+            "Age (since receipt) of the oldest pending or delivering row; 0 when none.",
+        )
+        awaiting = GaugeMetricFamily(
+            "relay_outbox_calls_awaiting_call_ended",
+            "Calls whose call.hungup is older than RELAY_CALL_ENDED_TIMEOUT_SECONDS with no "
+            "call.ended received, read from the database.",
+        )
+        if read_at is None:  # describe(): the names only
+            return [up, rows, oldest, awaiting]
+        up.add_metric([], 0.0 if gauges is None else 1.0)
+        if gauges is None:
+            return [up]
+        for status in GAUGE_STATUSES:
+            rows.add_metric([status], float(getattr(gauges, status)))
+        received = gauges.oldest_undelivered_received_at
+        oldest.add_metric(
+            [], 0.0 if received is None else max(0.0, (read_at - received).total_seconds())
+        )
+        awaiting.add_metric([], float(gauges.calls_awaiting_call_ended))
+        return [up, rows, oldest, awaiting]
 
 
 class ReceiverMetrics:
@@ -47,6 +112,10 @@ class ReceiverMetrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
             registry=self.registry,
         )
+        self.outbox = OutboxCollector()
+        self.registry.register(self.outbox)
+        # Other registries rendered after this one (`run`: the drainer's, in the same process).
+        self._included: list[CollectorRegistry] = []
 
         # The labelled children, looked up once per (event, outcome): `labels()` is per request.
         self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
@@ -69,5 +138,10 @@ class ReceiverMetrics:
         self.commit_batch_size.observe(webhooks)
         self.commit_duration.observe(seconds)
 
+    def include(self, registry: CollectorRegistry) -> None:
+        """Render `registry` too (its metric names must differ from the receiver's)."""
+        self._included.append(registry)
+
     def render(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        text = b"".join(generate_latest(registry) for registry in [self.registry, *self._included])
+        return text, CONTENT_TYPE_LATEST

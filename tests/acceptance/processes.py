@@ -21,6 +21,9 @@ def relay_env(database_url: str, **settings: str) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("RELAY_")}
     env["RELAY_DATABASE_URL"] = database_url
     env["RELAY_LOG_FORMAT"] = "json"
+    # Any free port for each drainer's /metrics: tests run several drainers at once, and other
+    # test runs may share the machine (the default, 9101, would be taken by the first).
+    env["RELAY_DRAINER_METRICS_PORT"] = "0"
     env.update({f"RELAY_{key.upper()}": value for key, value in settings.items()})
     return env
 

@@ -170,3 +170,34 @@ def test_every_setting_is_documented_and_every_documented_setting_exists() -> No
         assert spec.help, spec.name
     fields = set(Settings.__dataclass_fields__) - {"config_file"}
     assert fields == {spec.name for spec in SPECS}
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"), [("9200", 9200), ("0", 0), ("off", None), ("OFF", None), ("", None)]
+)
+def test_drainer_metrics_port_is_a_port_or_off(raw: str, expected: int | None) -> None:
+    assert load_settings({}).drainer_metrics_port == 9101
+    assert load_settings({}).drainer_metrics_host == "127.0.0.1"
+    assert load_settings({"RELAY_DRAINER_METRICS_PORT": raw}).drainer_metrics_port == expected
+
+
+def test_drainer_metrics_port_from_toml(tmp_path: Path) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_text('drainer_metrics_port = 9300\ndrainer_metrics_host = "::1"\n')
+    settings = load_settings({}, config_file=str(path))
+    assert (settings.drainer_metrics_host, settings.drainer_metrics_port) == ("::1", 9300)
+    path.write_text('drainer_metrics_port = "off"\n')
+    assert load_settings({}, config_file=str(path)).drainer_metrics_port is None
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "message"),
+    [
+        ("RELAY_DRAINER_METRICS_PORT", "65536", "must be from 0 to 65535"),
+        ("RELAY_DRAINER_METRICS_PORT", "no", "expected an integer"),
+        ("RELAY_DRAINER_METRICS_HOST", " ", "expected an address"),
+    ],
+)
+def test_bad_drainer_metrics_settings_name_the_setting(name: str, raw: str, message: str) -> None:
+    with pytest.raises(SettingsError, match=f"{name}: {message}"):
+        load_settings({name: raw})

@@ -1,0 +1,61 @@
+"""The outbox as gauges: what the receiver's `/metrics` reads from the database at each scrape.
+
+Two short read statements on one connection, both answered from indexes: the rows not yet
+delivered and the dead rows (`ix_outbox_status_id`), and the calls whose `call.hungup` is older
+than the timeout with no `call.ended` (`ix_outbox_event_received_at`, then
+`ix_outbox_ordering_key_status` per call). Delivered and skipped rows, the bulk of a long-lived
+outbox, are never counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from relay.db.tables import outbox, utc_datetime
+
+# The statuses the gauges count (delivered and skipped only grow, and the SQL answers them).
+GAUGE_STATUSES = ("pending", "delivering", "dead")
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxGauges:
+    pending: int
+    delivering: int
+    dead: int
+    oldest_undelivered_received_at: datetime | None  # of pending and delivering rows
+    calls_awaiting_call_ended: int
+
+
+async def read_outbox_gauges(engine: AsyncEngine, awaiting_before: datetime) -> OutboxGauges:
+    """The gauges now; `awaiting_before` is the cut-off of `call.hungup` receipts (now minus
+    `RELAY_CALL_ENDED_TIMEOUT_SECONDS`), as the drainer's `call_ended_missing` check uses."""
+    undelivered = ("pending", "delivering")
+    counts = sa.select(
+        *(
+            sa.func.count().filter(outbox.c.status == status).label(status)
+            for status in GAUGE_STATUSES
+        ),
+        sa.func.min(outbox.c.received_at).filter(outbox.c.status.in_(undelivered)).label("oldest"),
+    ).where(outbox.c.status.in_(GAUGE_STATUSES))
+    ended = outbox.alias("ended")
+    awaiting = sa.select(sa.func.count(sa.distinct(outbox.c.ordering_key))).where(
+        outbox.c.event == "call.hungup",
+        outbox.c.received_at < awaiting_before,
+        ~sa.exists().where(
+            ended.c.ordering_key == outbox.c.ordering_key, ended.c.event == "call.ended"
+        ),
+    )
+    async with engine.connect() as connection:
+        row = (await connection.execute(counts)).one()
+        calls = await connection.scalar(awaiting)
+    return OutboxGauges(
+        pending=int(row.pending),
+        delivering=int(row.delivering),
+        dead=int(row.dead),
+        oldest_undelivered_received_at=None if row.oldest is None else utc_datetime(row.oldest),
+        calls_awaiting_call_ended=int(calls or 0),
+    )

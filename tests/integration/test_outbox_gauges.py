@@ -1,0 +1,75 @@
+"""The outbox gauges the receiver's `/metrics` reads (`relay/db/gauges.py`), on SQLite and
+PostgreSQL: counts by status, oldest undelivered receipt, calls awaiting `call.ended`."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from relay.db.engine import create_engine
+from relay.db.gauges import OutboxGauges, read_outbox_gauges
+from relay.db.store import OutboxStore
+from tests.support import OutboxDatabase, incoming_event, sample
+
+pytestmark = pytest.mark.anyio
+
+NOW = datetime(2026, 3, 10, 15, 0, tzinfo=UTC)
+
+
+def body(event: str, call_id: int) -> dict[str, object]:
+    payload = sample(event)
+    del payload["token"]
+    payload["data"]["id"] = call_id
+    return payload
+
+
+async def test_an_empty_outbox(database: OutboxDatabase) -> None:
+    engine = create_engine(database.url)
+    try:
+        gauges = await read_outbox_gauges(engine, NOW)
+    finally:
+        await engine.dispose()
+    assert gauges == OutboxGauges(0, 0, 0, None, 0)
+
+
+async def test_counts_the_oldest_undelivered_and_calls_awaiting_call_ended(
+    database: OutboxDatabase,
+) -> None:
+    minutes_ago = [30, 25, 20, 15, 10, 5, 1]
+    events = [
+        (body("call.created", 1), "delivered"),
+        (body("call.hungup", 1), "delivered"),  # call 1: no call.ended -> awaiting
+        (body("call.created", 2), "dead"),
+        (body("call.hungup", 2), "delivering"),
+        (body("call.ended", 2), "pending"),  # call 2 has its call.ended, even undelivered
+        (body("call.hungup", 3), "pending"),  # call 3: hung up 5 min ago, within the timeout
+        (body("call.tagged", 3), "skipped"),
+    ]
+    engine = create_engine(database.url)
+    try:
+        store = OutboxStore(engine)
+        stored = await store.insert_events(
+            [
+                incoming_event(payload, NOW - timedelta(minutes=ago))
+                for (payload, _), ago in zip(events, minutes_ago, strict=True)
+            ]
+        )
+        await store.close_writer()
+        async with engine.begin() as connection:
+            for row, (_, status) in zip(stored, events, strict=True):
+                await connection.execute(
+                    sa.text("UPDATE outbox SET status = :status WHERE id = :id"),
+                    {"status": status, "id": row.id},
+                )
+        gauges = await read_outbox_gauges(engine, awaiting_before=NOW - timedelta(minutes=10))
+    finally:
+        await engine.dispose()
+    assert gauges == OutboxGauges(
+        pending=2,
+        delivering=1,
+        dead=1,
+        oldest_undelivered_received_at=NOW - timedelta(minutes=15),  # call 2's call.hungup
+        calls_awaiting_call_ended=1,
+    )
