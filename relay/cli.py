@@ -422,11 +422,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as error:
         print(f"aircall-relay: configuration error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # the output was piped into `head` or the like
+        return EXIT_OK
     except (DatabaseError, OSError) as error:
         print(f"aircall-relay: database error: {type(error).__name__}: {error}", file=sys.stderr)
         return EXIT_FAILURE
-    except BrokenPipeError:  # the output was piped into `head` or the like
-        return EXIT_OK
     except KeyboardInterrupt:
         return EXIT_OK
     return code

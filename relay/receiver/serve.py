@@ -18,7 +18,7 @@ from hypercorn.run import run as hypercorn_run
 from quart import Quart
 
 from relay.logs import get_logger
-from relay.settings import Settings
+from relay.settings import Settings, SettingsError
 
 log = get_logger("relay.receiver")
 
@@ -33,7 +33,15 @@ def bind_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket
     if reuse_port and hasattr(socket, "SO_REUSEPORT"):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        # A port taken or not ours to bind is a configuration problem, not a database one.
+        raise SettingsError(
+            f"RELAY_HOST/RELAY_PORT: cannot listen on {host}:{port}: "
+            f"{error.strerror or error} (is another process using the port?)"
+        ) from None
     sock.listen(1024)
     sock.set_inheritable(True)
     return sock

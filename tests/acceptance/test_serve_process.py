@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import signal
+import socket
 import sqlite3
 import ssl
 import subprocess
@@ -215,6 +216,22 @@ def test_configuration_errors_name_the_setting_and_exit_2(tmp_path: Path) -> Non
     result = run_relay("serve", env={k: v for k, v in env.items() if k != "RELAY_AIRCALL_TOKENS"})
     assert result.returncode == 2
     assert "RELAY_AIRCALL_TOKENS" in result.stderr
+
+
+def test_a_port_already_taken_exits_2_naming_the_setting(sqlite_database: OutboxDatabase) -> None:
+    taken = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        env = relay_env(sqlite_database.url, aircall_tokens=TOKENS)
+        result = run_relay("serve", "--host", "127.0.0.1", "--port", str(port), env=env)
+    finally:
+        taken.close()
+    assert result.returncode == 2, result.stderr
+    assert "RELAY_HOST/RELAY_PORT" in result.stderr
+    assert f"127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_config_file_is_read_and_environment_wins(tmp_path: Path) -> None:
