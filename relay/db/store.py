@@ -117,6 +117,27 @@ class OutboxStore:
     async def _write_with_engine(
         self, rows: list[tuple[Any, ...]], keys: list[str]
     ) -> dict[str, tuple[int, int, str]]:
+        if self.dialect != "postgresql":
+            return await self._write_batch(rows, keys)
+        # Two receivers writing the same event at once (Aircall's retries, two webhooks with
+        # the same events): ON CONFLICT arbitrates on dedup_key only, so the second insert can
+        # meet the first one's uncommitted row in the unique index on message_id and fail with
+        # a unique violation instead of counting a copy (every webhook of its batch would then
+        # be answered 503); two batches holding two such events in opposite orders can also
+        # deadlock. (The rows keep their order of receipt: it gives their receipt ids.) A
+        # transaction that failed that way is run again: the other one has ended, so the upsert
+        # now sees its row.
+        for attempt in range(1, _RACE_ATTEMPTS + 1):
+            try:
+                return await self._write_batch(rows, keys)
+            except sa_exc.DBAPIError as error:
+                if attempt == _RACE_ATTEMPTS or _sqlstate(error) not in _RACE_SQLSTATES:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _write_batch(
+        self, rows: list[tuple[Any, ...]], keys: list[str]
+    ) -> dict[str, tuple[int, int, str]]:
         statement = self._batch_insert
         async with self._writer.begin() as connection:
             if self.dialect == "postgresql":
@@ -301,6 +322,18 @@ class _BatchInsert:
             sql = f"{columns} IN ({', '.join('?' * len(keys))})"
             self._select_sql[len(keys)] = sql
         return sql, tuple(keys)
+
+
+# PostgreSQL errors of a receiver racing another on the same event: unique_violation (on
+# message_id, which ON CONFLICT does not arbitrate) and deadlock_detected. Both roll the whole
+# transaction back; running it again is safe.
+_RACE_SQLSTATES: Final = frozenset({"23505", "40P01"})
+_RACE_ATTEMPTS: Final = 3
+
+
+def _sqlstate(error: sa_exc.DBAPIError) -> str | None:
+    code = getattr(error.orig, "sqlstate", None)
+    return code if isinstance(code, str) else None
 
 
 def _new_pending_rows(rows: list[tuple[Any, ...]], returned: Sequence[Any]) -> int:
