@@ -11,11 +11,12 @@ import os
 import shutil
 import threading
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from sqlalchemy import text
@@ -23,6 +24,9 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from relay.db.migrate import upgrade_to_head
 from relay.settings import normalise_database_url
+
+if TYPE_CHECKING:
+    from relay.testing import FakeSegmentInspector
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -314,4 +318,89 @@ def incoming_event(body: dict[str, Any], received_at: Any, source: str = "main")
         received_at=received_at,
         payload=envelope.payload,
         forward=True,
+    )
+
+
+def aircall_call(call_id: int, shift_seconds: int) -> list[dict[str, Any]]:
+    """A call's webhooks in the order they must reach Segment: Aircall timestamp, then the call
+    life cycle for payloads built in the same second (a third of the calls ring in the second
+    they are created, another third hang up in the second they are transferred)."""
+    events = call_lifecycle(call_id, shift_seconds=shift_seconds)
+    by_name = {body["event"]: body for body in events}
+    if call_id % 3 == 0:
+        by_name["call.ringing_on_agent"]["timestamp"] = by_name["call.created"]["timestamp"]
+    elif call_id % 3 == 1:
+        by_name["call.hungup"]["timestamp"] = by_name["call.transferred"]["timestamp"]
+    timestamps = [body["timestamp"] for body in events]
+    assert timestamps == sorted(timestamps)
+    return events
+
+
+# ---------------------------------------------------------------------------------------------
+# What the fake Segment accepted, against what it should have
+
+
+@dataclass(frozen=True)
+class Backlog:
+    bodies: list[dict[str, Any]]  # in receipt order (shuffled)
+    expected: dict[int, list[str]]  # call id -> its messageIds in the order Segment must see
+
+    @property
+    def message_ids(self) -> set[str]:
+        return {message_id for ids in self.expected.values() for message_id in ids}
+
+
+def call_id_of(message: dict[str, Any]) -> int:
+    return int(message["properties"]["call_id"])
+
+
+def assert_accepted_once(fake: FakeSegmentInspector, message_ids: set[str]) -> None:
+    """Every one of `message_ids` accepted once, nothing else, no discard."""
+    ids = [message["messageId"] for message in fake.accepted()]
+    twice = [message_id for message_id, n in Counter(ids).items() if n > 1]
+    assert not twice, f"{len(twice)} messageIds accepted twice, e.g. {twice[:3]}"
+    missing = message_ids - set(ids)
+    assert not missing, f"{len(missing)} of {len(message_ids)} never accepted"
+    unknown = set(ids) - message_ids
+    assert not unknown, f"{len(unknown)} accepted messageIds are not ours"
+    assert fake.discarded() == []
+
+
+def assert_resends_are_copies(fake: FakeSegmentInspector) -> int:
+    """Every duplicate the fake saw is a re-send of an accepted message (same messageId, event
+    and call); returns how many there were."""
+    duplicates = fake.duplicates()
+    first = {message["messageId"]: message for message in fake.accepted()}
+    for duplicate in duplicates:
+        original = first.get(duplicate["messageId"])
+        assert original is not None, f"a duplicate of a messageId not ours: {duplicate}"
+        assert duplicate["message"]["event"] == original["event"]
+        assert call_id_of(duplicate["message"]) == call_id_of(original)
+    return len(duplicates)
+
+
+def assert_accepted_exactly(fake: FakeSegmentInspector, backlog: Backlog) -> None:
+    """Every messageId of the backlog accepted once, nothing else, no discard, and each call's
+    events first accepted in the expected order."""
+    assert_accepted_once(fake, backlog.message_ids)
+    assert_first_accepted_in_order(fake, backlog.expected)
+
+
+def assert_first_accepted_in_order(
+    fake: FakeSegmentInspector, expected: dict[int, list[str]]
+) -> None:
+    """The calls of `expected` (call id -> messageIds) had their events first accepted in that
+    order."""
+    by_call: dict[int, list[str]] = {}
+    for message in fake.accepted():
+        by_call.setdefault(call_id_of(message), []).append(message["messageId"])
+    misordered = [call for call, ids in expected.items() if by_call.get(call) != ids]
+
+    def short(ids: list[str] | None) -> list[str]:  # the first hex digits of each messageId
+        return [message_id.removeprefix("aircall-")[:8] for message_id in ids or []]
+
+    assert not misordered, (
+        f"{len(misordered)} calls first accepted out of order, e.g. call "
+        f"{misordered[0]}: expected {short(expected[misordered[0]])}, "
+        f"got {short(by_call.get(misordered[0]))}"
     )

@@ -9,8 +9,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from tests.support import OutboxDatabase
 
 VENV_BIN = Path(sys.executable).parent
 RELAY = str(VENV_BIN / "aircall-relay")
@@ -128,3 +131,42 @@ class RelayProcess:
                 self.process.kill()
                 self.process.wait(5)
         self._reader.join(5)
+
+
+# --- looking at the outbox while processes work on it ------------------------------------------
+
+
+def statuses(database: OutboxDatabase) -> dict[str, int]:
+    rows = database.rows("SELECT status, count(*) AS n FROM outbox GROUP BY status")
+    return {row["status"]: int(row["n"]) for row in rows}
+
+
+def held_by(database: OutboxDatabase, pid: int) -> int:
+    """Rows in flight under a lease of the drainer process `pid` (owner `host:pid:random`)."""
+    rows = database.rows(
+        "SELECT count(*) AS n FROM outbox WHERE status = 'delivering' AND claimed_by LIKE :owner",
+        owner=f"%:{pid}:%",
+    )
+    return int(rows[0]["n"])
+
+
+def wait_until(
+    condition: Callable[[], bool],
+    what: str,
+    timeout: float,
+    process: RelayProcess | None = None,
+    detail: Callable[[], object] | None = None,
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        ended = process is not None and process.process.poll() is not None
+        if ended or time.monotonic() > deadline:
+            reason = "the process exited" if ended else f"not within {timeout} s"
+            message = f"waiting for {what}: {reason}"
+            if detail is not None:
+                message += f"\n{detail()}"
+            if process is not None:
+                code = process.process.poll()
+                message += f"\n--- process output (exit {code}):\n{process.tail()}"
+            raise AssertionError(message)
+        time.sleep(0.05)

@@ -15,8 +15,7 @@ import math
 import random
 import signal
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -28,11 +27,21 @@ from relay import aircall
 from relay.db.engine import create_engine
 from relay.db.store import OutboxStore
 from relay.testing import ChaosEntry, FakeSegment, Fault, SourceConfig
-from tests.acceptance.processes import RelayProcess, relay_env, run_relay
+from tests.acceptance.processes import (
+    RelayProcess,
+    held_by,
+    relay_env,
+    run_relay,
+    statuses,
+    wait_until,
+)
 from tests.support import (
     SAMPLE_TOKEN,
+    Backlog,
     OutboxDatabase,
-    call_lifecycle,
+    aircall_call,
+    assert_accepted_exactly,
+    assert_resends_are_copies,
     incoming_event,
     sample,
 )
@@ -91,31 +100,6 @@ def drainer_env(database: OutboxDatabase, fake: FakeSegment, **overrides: str) -
 # --- the backlog ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Backlog:
-    bodies: list[dict[str, Any]]  # in receipt order (shuffled)
-    expected: dict[int, list[str]]  # call id -> its messageIds in the order Segment must see
-
-    @property
-    def message_ids(self) -> set[str]:
-        return {message_id for ids in self.expected.values() for message_id in ids}
-
-
-def aircall_call(call_id: int, shift_seconds: int) -> list[dict[str, Any]]:
-    """A call's webhooks in the order they must reach Segment: Aircall timestamp, then the call
-    life cycle for payloads built in the same second (a third of the calls ring in the second
-    they are created, another third hang up in the second they are transferred)."""
-    events = call_lifecycle(call_id, shift_seconds=shift_seconds)
-    by_name = {body["event"]: body for body in events}
-    if call_id % 3 == 0:
-        by_name["call.ringing_on_agent"]["timestamp"] = by_name["call.created"]["timestamp"]
-    elif call_id % 3 == 1:
-        by_name["call.hungup"]["timestamp"] = by_name["call.transferred"]["timestamp"]
-    timestamps = [body["timestamp"] for body in events]
-    assert timestamps == sorted(timestamps)
-    return events
-
-
 def build_backlog(count: int, first_call: int, seed: int) -> Backlog:
     """`count` webhooks of about count/12 calls, overlapping in time, received in random order."""
     expected: dict[int, list[str]] = {}
@@ -151,43 +135,7 @@ def fill_outbox(database: OutboxDatabase, bodies: list[dict[str, Any]]) -> None:
     assert database.count() == len(bodies)
 
 
-# --- looking at the outbox and the processes --------------------------------------------------
-
-
-def statuses(database: OutboxDatabase) -> dict[str, int]:
-    rows = database.rows("SELECT status, count(*) AS n FROM outbox GROUP BY status")
-    return {row["status"]: int(row["n"]) for row in rows}
-
-
-def held_by(database: OutboxDatabase, pid: int) -> int:
-    """Rows in flight under a lease of the drainer process `pid` (owner `host:pid:random`)."""
-    rows = database.rows(
-        "SELECT count(*) AS n FROM outbox WHERE status = 'delivering' AND claimed_by LIKE :owner",
-        owner=f"%:{pid}:%",
-    )
-    return int(rows[0]["n"])
-
-
-def wait_until(
-    condition: Callable[[], bool],
-    what: str,
-    timeout: float,
-    process: RelayProcess | None = None,
-    detail: Callable[[], object] | None = None,
-) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        ended = process is not None and process.process.poll() is not None
-        if ended or time.monotonic() > deadline:
-            reason = "the process exited" if ended else f"not within {timeout} s"
-            message = f"waiting for {what}: {reason}"
-            if detail is not None:
-                message += f"\n{detail()}"
-            if process is not None:
-                code = process.process.poll()
-                message += f"\n--- process output (exit {code}):\n{process.tail()}"
-            raise AssertionError(message)
-        time.sleep(0.05)
+# --- the processes ----------------------------------------------------------------------------
 
 
 def drain_to_the_end(
@@ -209,33 +157,6 @@ def drain_to_the_end(
     finally:
         drainer.stop()
     return drainer
-
-
-def call_id_of(message: dict[str, Any]) -> int:
-    return int(message["properties"]["call_id"])
-
-
-def assert_accepted_exactly(fake: FakeSegment, backlog: Backlog) -> None:
-    """Every messageId of the backlog accepted once, nothing else, no discard, and each call's
-    events first accepted in Aircall order."""
-    accepted = fake.accepted()
-    ids = [message["messageId"] for message in accepted]
-    twice = [message_id for message_id, n in Counter(ids).items() if n > 1]
-    assert not twice, f"{len(twice)} messageIds accepted twice, e.g. {twice[:3]}"
-    missing = backlog.message_ids - set(ids)
-    assert not missing, f"{len(missing)} of {len(backlog.message_ids)} never accepted"
-    unknown = set(ids) - backlog.message_ids
-    assert not unknown, f"{len(unknown)} accepted messageIds are not ours"
-    assert fake.discarded() == []
-    by_call: dict[int, list[str]] = {}
-    for message in accepted:
-        by_call.setdefault(call_id_of(message), []).append(message["messageId"])
-    misordered = [call for call, ids in backlog.expected.items() if by_call.get(call) != ids]
-    assert not misordered, (
-        f"{len(misordered)} calls first accepted out of Aircall order, e.g. call "
-        f"{misordered[0]}: expected {backlog.expected[misordered[0]]}, "
-        f"got {by_call.get(misordered[0])}"
-    )
 
 
 # --- SIGKILL ----------------------------------------------------------------------------------
@@ -307,14 +228,9 @@ def test_sigkill_at_random_moments_loses_nothing_and_keeps_each_calls_order(
     drain_to_the_end(database, fake, env, total)
 
     assert_accepted_exactly(fake, backlog)
-    duplicates = fake.duplicates()
-    assert duplicates, "no re-send at all: the kills and after-accept faults should cause some"
-    first = {message["messageId"]: message for message in fake.accepted()}
-    for duplicate in duplicates:  # a re-send is the same event with the same messageId
-        original = first.get(duplicate["messageId"])
-        assert original is not None, f"a duplicate of a messageId not ours: {duplicate}"
-        assert duplicate["message"]["event"] == original["event"]
-        assert call_id_of(duplicate["message"]) == call_id_of(original)
+    # A re-send is the same event with the same messageId.
+    resent = assert_resends_are_copies(fake)
+    assert resent, "no re-send at all: the kills and after-accept faults should cause some"
     assert statuses(database) == {"delivered": total}
     late = database.rows("SELECT count(*) AS n FROM outbox WHERE late")
     assert int(late[0]["n"]) == 0
