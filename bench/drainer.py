@@ -12,6 +12,19 @@ process's wall time, CPU seconds per 1,000 events (user + system of the drainer 
 included, from `os.wait4`), and the drainer's peak RSS (VmHWM, polled until it exits); then the
 medians per backlog size. Each run starts from a copy of the same filled database.
 
+`throughput --drainers 1,2,4` drains the backlog with several drainers at once instead: for each
+count, that many long-running `aircall-relay drain` processes (`--once` does not suit several: a
+drainer whose claim finds every key held by the others would take that for the end), started
+with their imports done and let go together, stopped with SIGTERM once no row is pending or in
+flight. Nothing is pinned: the drainers, the fake and the database share every core. Each line
+gives events/s (same window as above) and the CPU of each party over the drain, in % of one
+core: the drainers (and per 1,000 events), the PostgreSQL backends serving the run's database
+and the server's background processes (from /proc, when the server runs on this machine), the
+fake, this script, everything else, and the whole machine. A drain during which other processes
+took more than a fifth of a core is marked DISTURBED and measured again (`--retries`), and each
+drain waits first for a quiet second (`--quiet-wait`). The medians end with each count's rate
+against the first count's in the same run.
+
 `latency` starts the fake, `aircall-relay serve` and `aircall-relay drain` with the default
 settle window and limits, posts distinct webhooks at a fixed rate (open loop) over loopback, waits
 until every event is delivered and prints receipt-to-acceptance latency percentiles: receipt is
@@ -27,11 +40,18 @@ Usage (from the repository root, with the project's virtualenv):
     .venv/bin/python bench/drainer.py throughput                       # 100,000 rows, 3 runs
     .venv/bin/python bench/drainer.py throughput --rows 10000,100000 --runs 3
     .venv/bin/python bench/drainer.py throughput --database-url postgresql://postgres@127.0.0.1/
+    .venv/bin/python bench/drainer.py throughput --rows 20000 --drainers 1,2,4 \
+        --database-url postgresql://postgres@127.0.0.1/
     .venv/bin/python bench/drainer.py latency                          # 200 webhooks/s for 60 s
     .venv/bin/python bench/drainer.py latency --rate 200 --seconds 60
 
 With `--database-url` (PostgreSQL only) the benchmark creates scratch databases on that server
-(`relay_bench_drainer_<pid>_...`, needs CREATEDB) and drops them at the end.
+(`relay_bench_drainer_<pid>_...`, needs CREATEDB) and drops them at the end. There the backlog
+comes after as many rows of history, already delivered (`--history`), and the filled database
+gets `VACUUM ANALYZE`, as autovacuum would: PostgreSQL plans the drainer's statements from the
+table's statistics, and with those of a table where every row is pending, recording a request
+reads every delivered row. Each `--drainers` drain starts after a `CHECKPOINT` (skipped without
+the right to it).
 
 Everything talks to 127.0.0.1 only, and every wait is bounded. Exit status: 0 when every check
 passed, 1 otherwise (the figures are printed either way; there is no pass mark on speed).
@@ -66,6 +86,7 @@ from typing import Any, TextIO
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from proc_cpu import PostgresCpu, busy_cpu_seconds, wait_for_quiet  # noqa: E402
 from sqlalchemy import text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
@@ -291,22 +312,27 @@ class Databases:
         self.created.clear()
 
     async def _admin(self, statement: str) -> None:
-        import asyncpg
-
         assert self.server_url is not None
-        url = make_url(self.server_url)
-        connection = await asyncpg.connect(
-            host=url.host or HOST,
-            port=url.port or 5432,
-            user=url.username or "postgres",
-            password=url.password,
-            database="postgres",
-            timeout=10,
-        )
+        connection = await pg_connect(self.server_url, database="postgres")
         try:
             await connection.execute(statement)
         finally:
             await connection.close()
+
+
+async def pg_connect(database_url: str, database: str | None = None) -> Any:
+    """A plain asyncpg connection to the PostgreSQL database of the URL (or `database`)."""
+    import asyncpg
+
+    url = make_url(database_url)
+    return await asyncpg.connect(
+        host=url.host or HOST,
+        port=url.port or 5432,
+        user=url.username or "postgres",
+        password=url.password,
+        database=database or url.database or "postgres",
+        timeout=10,
+    )
 
 
 def relay_env(database_url: str | None, **settings: str) -> dict[str, str]:
@@ -332,16 +358,50 @@ def migrate(database_url: str) -> None:
         raise SystemExit(f"migrate failed:\n{completed.stdout}{completed.stderr}")
 
 
-async def fill(database_url: str, rows: Sequence[IncomingEvent], batch: int = 2000) -> None:
+async def fill(
+    database_url: str, rows: Sequence[IncomingEvent], delivered: int = 0, batch: int = 1000
+) -> int:
+    """Insert the rows as the receiver would, the first `delivered` of them then marked
+    delivered (history); returns the id of the last of those (0 for none)."""
+    # 1,000 rows per INSERT: on PostgreSQL a batch is one multi-row INSERT with 17 parameters
+    # a row, and asyncpg takes at most 32,767 parameters per statement.
     engine = create_engine(database_url, timeout_seconds=30)
     store = OutboxStore(engine)
+    last_history_id = 0
     try:
         for start in range(0, len(rows), batch):
             await store.insert_events(rows[start : start + batch])
+        if delivered > 0:
+            async with engine.begin() as connection:
+                ids = (
+                    await connection.execute(
+                        text("SELECT id FROM outbox ORDER BY id LIMIT :n"), {"n": delivered}
+                    )
+                ).all()
+                last_history_id = int(ids[-1][0])
+                await connection.execute(
+                    text(
+                        "UPDATE outbox SET status = 'delivered', attempts = 1, "
+                        "delivered_at = received_at, next_attempt_at = NULL WHERE id <= :last"
+                    ),
+                    {"last": last_history_id},
+                )
     finally:
         with contextlib.suppress(Exception):
             await store.close_writer()
         await engine.dispose()
+    if database_url.startswith("postgresql"):
+        # Statistics and a visibility map, as autovacuum would make after such a load (the test
+        # server runs with autovacuum off). The drainer's plans depend on them: with statistics
+        # of an outbox where every row is pending (no history), PostgreSQL plans the `late` check
+        # of a request's record on the (status, id) index, and reads every delivered row for
+        # each row it records.
+        connection = await pg_connect(database_url)
+        try:
+            await connection.execute("VACUUM ANALYZE outbox")
+            await connection.execute("VACUUM ANALYZE delivery_requests")
+        finally:
+            await connection.close()
     path = make_url(database_url).database
     if database_url.startswith("sqlite") and path:  # everything into the main file, for copies
         connection = sqlite3.connect(path)
@@ -349,6 +409,7 @@ async def fill(database_url: str, rows: Sequence[IncomingEvent], batch: int = 20
             connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         finally:
             connection.close()
+    return last_history_id
 
 
 async def query(database_url: str, sql: str) -> list[Any]:
@@ -409,14 +470,25 @@ class Child:
     """A subprocess with its output in a log file, optionally pinned to CPUs."""
 
     def __init__(
-        self, name: str, command: list[str], env: dict[str, str], workdir: Path, cpus: set[int]
+        self,
+        name: str,
+        command: list[str],
+        env: dict[str, str],
+        workdir: Path,
+        cpus: set[int],
+        stdin: bool = False,
     ) -> None:
         self.name = name
         self.log_path = workdir / f"{name}.log"
         self._log: TextIO = self.log_path.open("w")
         self.started = time.monotonic()
         self.process = subprocess.Popen(
-            command, env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT
+            command,
+            env=env,
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
         )
         if cpus:  # threads started later inherit this
             with contextlib.suppress(OSError):
@@ -455,6 +527,9 @@ class Child:
             time.sleep(0.02)
 
     def stop(self, within: float = 30.0) -> None:
+        if self.process.stdin is not None and not self.process.stdin.closed:
+            with contextlib.suppress(OSError):
+                self.process.stdin.close()
         if self.process.returncode is None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             if self.wait(within) is None:
@@ -555,9 +630,10 @@ class Verdict:
 
 
 def verify(
-    database_url: str, fake_url: str, expected_rows: int
+    database_url: str, fake_url: str, expected_rows: int, after_id: int = 0
 ) -> tuple[Verdict, list[Any], dict[str, dict[str, Any]]]:
-    """Every row delivered, each messageId accepted once, nothing discarded, per-key order kept.
+    """Every row delivered, each messageId accepted once, nothing discarded, per-key order kept
+    (rows after `after_id`: those before are history, delivered before the run).
 
     Returns the verdict, the outbox rows and the fake's accepted messages by messageId.
     """
@@ -566,7 +642,7 @@ def verify(
         query(
             database_url,
             "SELECT id, message_id, ordering_key, event, occurred_at, received_at, status, late "
-            "FROM outbox ORDER BY id",
+            f"FROM outbox WHERE id > {int(after_id)} ORDER BY id",
         )
     )
     statuses = Counter(row.status for row in rows)
@@ -648,6 +724,7 @@ def drain_once(
     workdir: Path,
     cpus: tuple[set[int], set[int]],
     extra_env: dict[str, str],
+    after_id: int = 0,
 ) -> DrainRun:
     run = DrainRun(rows=rows, number=number)
     name = f"run_{rows}_{number}"
@@ -698,7 +775,7 @@ def drain_once(
         )[0]
         run.window_seconds = (utc_datetime(window[1]) - utc_datetime(window[0])).total_seconds()
         run.requests = int(window[2])
-        verdict, _, _ = verify(database_url, fake_url, rows)
+        verdict, _, _ = verify(database_url, fake_url, rows, after_id)
         verdict.check(summary.get("dead", 0) == 0, f"{summary.get('dead')} rows went dead")
         verdict.check(run.delivered == rows, f"summary says {run.delivered} delivered of {rows}")
         verdict.check(int(window[3]) == rows, f"delivery_requests carried {window[3]} events")
@@ -709,6 +786,304 @@ def drain_once(
     finally:
         fake.stop()
         databases.drop(name)
+
+
+# `aircall-relay drain` (long-running) started with its imports done and then held until this
+# script writes a line to its stdin, so that several drainers begin claiming together.
+GATED_DRAIN = (
+    "import sys; from relay.cli import main; print('bench-drainer-ready', flush=True); "
+    "sys.stdin.readline(); sys.exit(main(sys.argv[1:]))"
+)
+
+
+@dataclass
+class PoolRun:
+    """One drain of the backlog by several long-running drainers; CPU over `span_seconds`
+    (from the go to the moment every row was seen delivered)."""
+
+    rows: int
+    number: int
+    drainers: int
+    delivered: int = 0
+    requests: int = 0
+    window_seconds: float = 0.0
+    span_seconds: float = 0.0
+    drainers_cpu: float = 0.0
+    fake_cpu: float = 0.0
+    pg_backends_cpu: float = 0.0
+    pg_server_cpu: float = 0.0
+    pg_measured: bool = False
+    script_cpu: float = 0.0
+    busy_cpu: float = 0.0  # the whole machine
+    max_rss_kib: int = 0
+    rows_read: int | None = None  # outbox rows read by PostgreSQL (index and sequential scans)
+    ok: bool = False
+
+    @property
+    def rate(self) -> float:
+        return self.delivered / self.window_seconds if self.window_seconds else 0.0
+
+    @property
+    def rows_read_per_event(self) -> float:
+        if self.rows_read is None or not self.delivered:
+            return float("nan")
+        return self.rows_read / self.delivered
+
+    @property
+    def other_cpu(self) -> float:
+        """CPU of everything else on the machine meanwhile (other people's work)."""
+        ours = self.drainers_cpu + self.fake_cpu + self.script_cpu
+        ours += self.pg_backends_cpu + self.pg_server_cpu
+        return max(0.0, self.busy_cpu - ours)
+
+    @property
+    def disturbed(self) -> bool:
+        """Other processes took more than a fifth of a core during the drain."""
+        return self.other_cpu > 0.2 * self.span_seconds
+
+    def share(self, cpu_seconds: float) -> float:
+        """Percent of one core over the span."""
+        return 100 * cpu_seconds / self.span_seconds if self.span_seconds else float("nan")
+
+    def per_thousand(self, cpu_seconds: float) -> float:
+        return 1000 * cpu_seconds / self.delivered if self.delivered else float("nan")
+
+    def line(self) -> str:
+        pg = (
+            f"PostgreSQL {self.share(self.pg_backends_cpu):3.0f}% backends"
+            f" ({self.per_thousand(self.pg_backends_cpu):5.3f} s/1,000)"
+            f" + {self.share(self.pg_server_cpu):2.0f}% server"
+            if self.pg_measured
+            else "PostgreSQL not measured"
+        )
+        return (
+            f"  rows {self.rows:>7,} run {self.number}, {self.drainers} drainer(s):"
+            f" {self.rate:7,.0f} events/s ({self.delivered:,} in {self.window_seconds:5.1f} s,"
+            f" {self.requests:,} requests)"
+            f" | CPU, % of a core: drainers {self.share(self.drainers_cpu):3.0f}%"
+            f" ({self.per_thousand(self.drainers_cpu):5.3f} s/1,000 events), {pg},"
+            f" fake {self.share(self.fake_cpu):2.0f}%, script {self.share(self.script_cpu):2.0f}%,"
+            f" others {self.share(self.other_cpu):2.0f}%; machine"
+            f" {self.share(self.busy_cpu):3.0f}% of {100 * (os.cpu_count() or 1)}%"
+            + (
+                f" | outbox rows read {self.rows_read_per_event:4.0f} per event"
+                if self.rows_read is not None
+                else ""
+            )
+            + f" | peak RSS {self.max_rss_kib / 1024:5.1f} MiB"
+            f"  {'ok' if self.ok else 'FAILED'}" + ("  DISTURBED" if self.disturbed else "")
+        )
+
+
+def drain_with_pool(
+    databases: Databases,
+    template: str,
+    rows: int,
+    number: int,
+    drainers: int,
+    workdir: Path,
+    extra_env: dict[str, str],
+    after_id: int = 0,
+) -> PoolRun:
+    """Drain a copy of the backlog with `drainers` long-running `aircall-relay drain` processes,
+    stopped with SIGTERM once every row is delivered (`--once` does not suit several: a drainer
+    whose claim finds every key held by the others would take that for the end)."""
+    run = PoolRun(rows=rows, number=number, drainers=drainers)
+    name = f"run_{rows}_{number}_n{drainers}"
+    database_url = databases.copy(template, name)
+    if databases.server_url is not None:  # start from a clean checkpoint, not the copy's WAL
+        with contextlib.suppress(Exception):  # needs a superuser or pg_checkpoint
+            asyncio.run(databases._admin("CHECKPOINT"))
+    fake, fake_url = start_fake(workdir, set(), name=f"fake-{name}")
+    children: list[Child] = []
+    try:
+        env = relay_env(
+            database_url,
+            segment_write_key=WRITE_KEY,
+            segment_base_url=fake_url,
+            segment_events_per_second="0",
+            segment_requests_per_second="0",
+            settle_seconds="0",
+            **extra_env,
+        )
+        if _setting_exists("drainer_metrics_port"):  # one port per machine: none for these
+            env["RELAY_DRAINER_METRICS_PORT"] = "off"
+        for index in range(drainers):
+            children.append(
+                Child(
+                    f"drain-{name}-{index + 1}",
+                    [sys.executable, "-c", GATED_DRAIN, "drain"],
+                    env,
+                    workdir,
+                    set(),
+                    stdin=True,
+                )
+            )
+        for child in children:
+            child.wait_for_line(re.compile(r"^bench-drainer-ready$"), within=60)
+        monitor = PoolMonitor(database_url, make_url(database_url).database or "")
+        finished = asyncio.run(monitor.run(children, fake, rows, within=max(300.0, rows / 100)))
+        run.span_seconds = monitor.span_seconds
+        run.drainers_cpu = monitor.drainers_cpu
+        run.fake_cpu = monitor.fake_cpu
+        run.script_cpu = monitor.script_cpu
+        run.busy_cpu = monitor.busy_cpu
+        run.pg_measured = monitor.pg.available
+        pg = monitor.pg.seconds()
+        run.pg_backends_cpu, run.pg_server_cpu = pg["backends"], pg["server"]
+        run.max_rss_kib = max(peak_rss_kib(child.process.pid) for child in children)
+        for child in children:
+            if _alive(child):
+                child.process.send_signal(signal.SIGTERM)
+        codes = [child.wait(within=30) for child in children]
+        if not finished:
+            print(f"  not every row was delivered in time; logs: {workdir}/drain-{name}-*.log")
+            return run
+        summaries = [_stopped_summary(child.log_path) for child in children]
+        if databases.server_url is not None:  # the backends flushed their counts as they exited
+            run.rows_read = _outbox_rows_read(database_url)
+        window = asyncio.run(
+            query(
+                database_url,
+                "SELECT min(started_at), max(finished_at), count(*), "
+                "coalesce(sum(event_count), 0) FROM delivery_requests "
+                "WHERE outcome = 'delivered'",
+            )
+        )[0]
+        run.window_seconds = (utc_datetime(window[1]) - utc_datetime(window[0])).total_seconds()
+        run.requests = int(window[2])
+        run.delivered = sum(int(summary.get("delivered", 0)) for summary in summaries)
+        verdict, _, _ = verify(database_url, fake_url, rows, after_id)
+        verdict.check(codes == [0] * drainers, f"drainers exited with {codes}")
+        verdict.check(all(summaries), "a drainer logged no drainer_stopped summary")
+        dead = sum(int(summary.get("dead", 0)) for summary in summaries)
+        verdict.check(dead == 0, f"{dead} rows went dead")
+        verdict.check(run.delivered == rows, f"drainers say {run.delivered} delivered, not {rows}")
+        verdict.check(int(window[3]) == rows, f"delivery_requests carried {window[3]} events")
+        for problem in verdict.problems:
+            print(f"  CHECK FAILED: {problem}")
+        run.ok = verdict.ok
+        return run
+    finally:
+        for child in children:
+            child.stop()
+        fake.stop()
+        databases.drop(name)
+
+
+class PoolMonitor:
+    """Lets the gated drainers go, waits until no row is pending or in flight, and measures the
+    CPU of every party meanwhile (drainers, fake, PostgreSQL, this script, the machine)."""
+
+    def __init__(self, database_url: str, database: str) -> None:
+        self.database_url = database_url
+        self.pg = PostgresCpu({database})
+        self.span_seconds = self.drainers_cpu = self.fake_cpu = 0.0
+        self.script_cpu = self.busy_cpu = 0.0
+
+    async def run(self, children: list[Child], fake: Child, rows: int, within: float) -> bool:
+        # One index entry read, not the remaining rows: it must not weigh on the figures.
+        sql = "SELECT EXISTS (SELECT 1 FROM outbox WHERE status IN ('pending', 'delivering'))"
+        postgres = self.database_url.startswith("postgresql")
+        connection: Any = None
+        if postgres:
+            connection = await pg_connect(self.database_url)
+            self.pg.excluded.add(int(await connection.fetchval("SELECT pg_backend_pid()")))
+            self.pg.start()
+        else:
+            connection = sqlite3.connect(str(make_url(self.database_url).database))
+
+        def remaining() -> Any:
+            if postgres:
+                return connection.fetchval(sql)
+            return connection.execute(sql).fetchone()[0]
+
+        pids = [child.process.pid for child in children]
+        drainers_before = sum(cpu_seconds(pid) for pid in pids)
+        fake_before = cpu_seconds(fake.process.pid)
+        busy_before, script_before = busy_cpu_seconds(), time.process_time()
+        started = time.monotonic()
+        for child in children:
+            assert child.process.stdin is not None
+            child.process.stdin.write(b"go\n")
+            child.process.stdin.close()
+        finished = False
+        try:
+            while time.monotonic() - started < within:
+                await asyncio.sleep(0.2)
+                if postgres:
+                    self.pg.sample()
+                left = await remaining() if postgres else remaining()
+                if not left:
+                    finished = True
+                    break
+                if not all(_alive(child) for child in children):
+                    print("  a drainer exited before the end")
+                    break
+        finally:
+            self.span_seconds = time.monotonic() - started
+            self.drainers_cpu = sum(cpu_seconds(pid) for pid in pids) - drainers_before
+            self.fake_cpu = cpu_seconds(fake.process.pid) - fake_before
+            if postgres:
+                self.pg.sample()
+            self.busy_cpu = busy_cpu_seconds() - busy_before
+            self.script_cpu = time.process_time() - script_before
+            if postgres:
+                await connection.close()
+            else:
+                connection.close()
+        return finished and rows > 0
+
+
+def _outbox_rows_read(database_url: str) -> int | None:
+    """Rows of `outbox` that PostgreSQL read in this database so far: through its indexes
+    (entries read) and by sequential scans (the database is a fresh copy: from zero)."""
+
+    async def read() -> int:
+        connection = await pg_connect(database_url)
+        try:
+            indexes = await connection.fetchval(
+                "SELECT coalesce(sum(idx_tup_read), 0) FROM pg_stat_user_indexes "
+                "WHERE relname = 'outbox'"
+            )
+            scans = await connection.fetchval(
+                "SELECT coalesce(sum(seq_tup_read), 0) FROM pg_stat_user_tables "
+                "WHERE relname = 'outbox'"
+            )
+            return int(indexes) + int(scans)
+        finally:
+            await connection.close()
+
+    with contextlib.suppress(Exception):
+        return asyncio.run(read())
+    return None
+
+
+def _setting_exists(name: str) -> bool:
+    from relay.settings import SPECS
+
+    return any(spec.name == name for spec in SPECS)
+
+
+def _alive(child: Child) -> bool:
+    """Whether the child still runs, without reaping it (its exit status stays for `wait`)."""
+    if child.process.returncode is not None:
+        return False
+    try:
+        found = os.waitid(os.P_PID, child.process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return False
+    return found is None
+
+
+def _stopped_summary(log_path: Path) -> dict[str, Any]:
+    """The counts a long-running drainer logs when it stops (`drainer_stopped`), {} if none."""
+    for line in reversed(log_path.read_text().splitlines()):
+        with contextlib.suppress(ValueError):
+            parsed = json.loads(line)
+            if isinstance(parsed, dict) and parsed.get("event") == "drainer_stopped":
+                return parsed
+    return {}
 
 
 def _summary(log_path: Path) -> dict[str, Any] | None:
@@ -741,13 +1116,21 @@ def command_throughput(args: argparse.Namespace) -> int:
     sizes = [int(part.replace("_", "")) for part in args.rows.split(",") if part.strip()]
     workdir = Path(tempfile.mkdtemp(prefix="relay-bench-drainer-", dir=args.dir))
     databases = Databases(workdir, args.database_url)
-    cpus = _cpu_split(args.no_pin)
+    pools = _counts(args.drainers) if args.drainers else []
+    # Several drainers share every core with the database and the fake: nothing is pinned.
+    cpus = _cpu_split(args.no_pin or bool(pools))
     extra_env = dict(_parse_env(item) for item in args.env)
     print(f"machine: {machine()}")
     print(
         f"database: {databases.kind}"
         + (f" (scratch files in {workdir})" if args.database_url is None else "")
-        + f"; drainer: aircall-relay drain --once, limits off, settle 0, batch size "
+        + (
+            f"; drainers: {', '.join(map(str, pools))} long-running aircall-relay drain "
+            "process(es), stopped with SIGTERM once every row is delivered"
+            if pools
+            else "; drainer: aircall-relay drain --once"
+        )
+        + f", limits off, settle 0, batch size "
         f"{extra_env.get('segment_batch_size', '100')}, concurrency "
         f"{extra_env.get('segment_concurrency', '4')}"
     )
@@ -762,6 +1145,7 @@ def command_throughput(args: argparse.Namespace) -> int:
     )
     workload = Workload(args.examples)
     results: dict[int, list[DrainRun]] = {}
+    pool_results: dict[tuple[int, int], list[PoolRun]] = {}
     healthy = True
     try:
         for rows in sizes:
@@ -769,8 +1153,10 @@ def command_throughput(args: argparse.Namespace) -> int:
             template = f"template_{rows}"
             database_url = databases.create(template)
             migrate(database_url)
-            backlog = build_backlog(workload, rows)
-            asyncio.run(fill(database_url, backlog))
+            history = rows if args.history < 0 and args.database_url else max(args.history, 0)
+            backlog = build_backlog(workload, history + rows)
+            after_id = asyncio.run(fill(database_url, backlog, delivered=history))
+            backlog = backlog[history:]
             kinds = Counter(item.resource for item in backlog)
             keys = len({item.ordering_key for item in backlog})
             payload_bytes = sum(
@@ -779,15 +1165,55 @@ def command_throughput(args: argparse.Namespace) -> int:
             del backlog
             print(
                 f"\nbacklog of {rows:,} rows ({dict(kinds)}; {keys:,} ordering keys; payloads "
-                f"{payload_bytes / rows:,.0f} bytes on average), filled in "
-                f"{time.monotonic() - started:.0f} s"
+                f"{payload_bytes / rows:,.0f} bytes on average)"
+                + (f", after {history:,} rows of history (delivered)" if history else "")
+                + f", filled in {time.monotonic() - started:.0f} s"
             )
             for number in range(1, args.runs + 1):
-                run = drain_once(databases, template, rows, number, workdir, cpus, extra_env)
+                if pools:  # each run drains one copy per drainer count, one after the other
+                    for drainers in pools:
+                        for attempt in range(args.retries + 1):
+                            wait_for_quiet(args.quiet_wait)
+                            try:
+                                pool_run = drain_with_pool(
+                                    databases,
+                                    template,
+                                    rows,
+                                    number,
+                                    drainers,
+                                    workdir,
+                                    extra_env,
+                                    after_id,
+                                )
+                            except Exception as error:  # e.g. someone restarted the server
+                                print(f"  run failed: {type(error).__name__}: {error}"[:300])
+                                pool_run = None
+                                if attempt < args.retries:
+                                    print("  (measured again)")
+                                    time.sleep(5)
+                                    continue
+                                break
+                            print(pool_run.line(), flush=True)
+                            if pool_run.ok and pool_run.disturbed and attempt < args.retries:
+                                print("  (disturbed by other processes: measured again)")
+                                continue
+                            break
+                        if pool_run is None:
+                            print("  (no figure for this run: the database failed each time)")
+                            continue
+                        pool_results.setdefault((rows, drainers), []).append(pool_run)
+                        healthy = healthy and pool_run.ok
+                    continue
+                run = drain_once(
+                    databases, template, rows, number, workdir, cpus, extra_env, after_id
+                )
                 print(run.line(), flush=True)
                 results.setdefault(rows, []).append(run)
                 healthy = healthy and run.ok
             databases.drop(template)
+        if pools:
+            _print_pool_medians(pool_results, pools, args.runs, databases.kind)
+            return _finish(workdir, args.keep, healthy)
         print(f"\nmedians of {args.runs} run(s) ({databases.kind}):")
         for rows, runs in results.items():
             print(
@@ -798,12 +1224,69 @@ def command_throughput(args: argparse.Namespace) -> int:
             )
     finally:
         databases.cleanup()
-    if args.keep or not healthy:
+    return _finish(workdir, args.keep, healthy)
+
+
+def _finish(workdir: Path, keep: bool, healthy: bool) -> int:
+    if keep or not healthy:
         print(f"kept {workdir}")
     else:
         shutil.rmtree(workdir, ignore_errors=True)
     print("all checks passed" if healthy else "SOME CHECKS FAILED")
     return 0 if healthy else 1
+
+
+def _counts(value: str) -> list[int]:
+    counts = [int(part) for part in value.split(",") if part.strip()]
+    if not counts or min(counts) < 1:
+        raise SystemExit(f"--drainers {value!r}: expected counts of at least 1, e.g. 1,2,4")
+    return counts
+
+
+def _print_pool_medians(
+    results: dict[tuple[int, int], list[PoolRun]], pools: list[int], runs: int, kind: str
+) -> None:
+    """Medians per backlog size and drainer count, and each count's rate against the first
+    count's in the same run (the median of those per-run ratios)."""
+    print(f"\nmedians of {runs} run(s) ({kind}), CPU in % of one core over each drain:")
+    for (rows, drainers), items in results.items():
+
+        def median(values: Iterator[float]) -> float:
+            return statistics.median(list(values))
+
+        ratios = []
+        for item in items:
+            first = next(
+                (r for r in results.get((rows, pools[0]), []) if r.number == item.number), None
+            )
+            if first is not None and first.rate:
+                ratios.append(item.rate / first.rate)
+        pg = (
+            f"  PostgreSQL {median(r.share(r.pg_backends_cpu) for r in items):3.0f}%"
+            f" ({median(r.per_thousand(r.pg_backends_cpu) for r in items):5.3f} s/1,000)"
+            f" + server {median(r.share(r.pg_server_cpu) for r in items):2.0f}%"
+            if all(r.pg_measured for r in items)
+            else ""
+        )
+        if all(r.rows_read is not None for r in items):
+            pg += f", outbox rows read {median(r.rows_read_per_event for r in items):4.0f}/event"
+        print(
+            f"  {rows:>7,} rows, {drainers} drainer(s): "
+            f"{median(r.rate for r in items):7,.0f} events/s"
+            + (
+                f" (x{statistics.median(ratios):.2f} of {pools[0]}; per run "
+                + ", ".join(f"{ratio:.2f}" for ratio in ratios)
+                + ")"
+                if ratios and drainers != pools[0]
+                else ""
+            )
+            + f"  drainers {median(r.share(r.drainers_cpu) for r in items):3.0f}%"
+            f" ({median(r.per_thousand(r.drainers_cpu) for r in items):5.3f} s/1,000 events)"
+            + pg
+            + f"  fake {median(r.share(r.fake_cpu) for r in items):2.0f}%"
+            f"  others {median(r.share(r.other_cpu) for r in items):2.0f}%"
+            f"  machine {median(r.share(r.busy_cpu) for r in items):3.0f}%"
+        )
 
 
 def _cpu_split(no_pin: bool) -> tuple[set[int], set[int]]:
@@ -1074,6 +1557,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--rows", default="100000", help="backlog size, or sizes separated by commas"
     )
     throughput.add_argument("--runs", type=int, default=3, help="runs per backlog size")
+    throughput.add_argument(
+        "--history",
+        type=int,
+        default=-1,
+        help="rows already delivered before the backlog, as in an outbox that has been in use "
+        "(PostgreSQL's statistics then see both states); -1: as many as the backlog on "
+        "PostgreSQL, none on SQLite",
+    )
+    throughput.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help="with --drainers: measure a drain again, up to this many times, when other "
+        "processes took more than a fifth of a core during it",
+    )
+    throughput.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=60.0,
+        help="with --drainers: before each drain, wait up to this many seconds for a quiet "
+        "second on the machine (other processes under a fifth of a core)",
+    )
+    throughput.add_argument(
+        "--drainers",
+        metavar="N[,N...]",
+        help="drain with N long-running `aircall-relay drain` processes at once (stopped with "
+        "SIGTERM once every row is delivered), for each N given, nothing pinned; each run drains "
+        "one copy of the backlog per N (default: one `drain --once`, pinned)",
+    )
     throughput.set_defaults(handler=command_throughput)
 
     latency = commands.add_parser("latency", help="receipt-to-acceptance latency at a fixed rate")

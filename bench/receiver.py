@@ -20,7 +20,15 @@ per 200.
 Each run's line also says where the server's CPU went (µs per request, of which the event loop's
 thread; context switches per request), the group commit's figures from /metrics (webhooks per
 commit, commit time), and how much CPU other processes took meanwhile: on a shared machine a run
-where they took more than a fifth of a core is marked DISTURBED and measured again (`--retries`).
+where they took more than a fifth of a core is marked DISTURBED and measured again (`--retries`);
+`--quiet-wait S` first waits up to S seconds for a quiet second before each run. On a PostgreSQL
+outbox served from this machine, the line also gives the CPU of the backends serving that
+database and of the server's background processes (from /proc), which are then not counted as
+other processes' CPU.
+
+`--receivers 2` starts two servers (two `aircall-relay serve --port 0`, each with `--workers`),
+as behind a load balancer, and spreads the connections over them (connection i to server i mod
+2); the figures are their sums, and nothing is pinned.
 
 Usage (from the repository root, with the project's virtualenv):
 
@@ -28,6 +36,8 @@ Usage (from the repository root, with the project's virtualenv):
     .venv/bin/python bench/receiver.py --runs 5 --seconds 10 --connections 64 --fixed-401
     .venv/bin/python bench/receiver.py --database-url postgresql://postgres@127.0.0.1/bench_x
     .venv/bin/python bench/receiver.py --rate 800 --runs 0  # only the fixed-rate runs
+    .venv/bin/python bench/receiver.py --receivers 2 --quiet-wait 120 \
+        --database-url postgresql://postgres@127.0.0.1/bench_x
 
 A PostgreSQL database is migrated and keeps the rows written (each run uses new event ids).
 
@@ -51,12 +61,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from proc_cpu import PostgresCpu, busy_cpu_seconds, wait_for_quiet
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_EXAMPLES = ROOT.parent / "shared" / "examples" / "aircall"
@@ -201,6 +214,7 @@ class RunResult:
     server_switches: int = 0
     client_cpu_seconds: float = 0.0
     other_cpu_seconds: float = 0.0  # everything else on the machine: a disturbed run shows here
+    postgres_cpu_seconds: tuple[float, float] | None = None  # (outbox's backends, server)
     commits: CommitFigures = field(default_factory=CommitFigures)
 
     @property
@@ -271,24 +285,25 @@ def _record_error(result: RunResult, error: BaseException, connection: Connectio
 
 
 async def closed_loop(
-    port: int,
+    ports: list[int],
     connections: int,
     seconds: float,
-    make_request: Callable[[], bytes],
+    make_request: Callable[[int], bytes],
     result: RunResult,
 ) -> None:
-    """Each connection sends its next request as soon as the previous answer arrived."""
+    """Each connection sends its next request as soon as the previous answer arrived.
+    Connection i goes to `ports[i % len(ports)]` (one server each)."""
     started = time.perf_counter()
     deadline = started + seconds
     last_answer = started
 
-    async def worker() -> None:
+    async def worker(port: int) -> None:
         nonlocal last_answer
         connection = Connection(port)
         clock = time.perf_counter
         try:
             while clock() < deadline:
-                request = make_request()
+                request = make_request(port)
                 sent = clock()
                 try:
                     status = await connection.exchange(request)
@@ -303,16 +318,17 @@ async def closed_loop(
         finally:
             connection.close()
 
-    await _bounded(result, seconds, [worker() for _ in range(connections)])
+    workers = [worker(ports[index % len(ports)]) for index in range(connections)]
+    await _bounded(result, seconds, workers)
     result.seconds = last_answer - started
 
 
 async def open_loop(
-    port: int,
+    ports: list[int],
     connections: int,
     seconds: float,
     rate: float,
-    make_request: Callable[[], bytes],
+    make_request: Callable[[int], bytes],
     result: RunResult,
 ) -> None:
     """Requests scheduled at a fixed rate; latency counts from the scheduled time.
@@ -337,12 +353,12 @@ async def open_loop(
         for _ in range(connections):
             queue.put_nowait(None)
 
-    async def sender() -> None:
+    async def sender(port: int) -> None:
         connection = Connection(port)
         try:
             while (scheduled := await queue.get()) is not None:
                 try:
-                    status = await connection.exchange(make_request())
+                    status = await connection.exchange(make_request(port))
                 except (OSError, ValueError, asyncio.IncompleteReadError) as error:
                     _record_error(result, error, connection)
                     continue
@@ -352,7 +368,8 @@ async def open_loop(
         finally:
             connection.close()
 
-    await _bounded(result, seconds, [dispatcher(), *(sender() for _ in range(connections))])
+    senders = [sender(ports[index % len(ports)]) for index in range(connections)]
+    await _bounded(result, seconds, [dispatcher(), *senders])
     result.seconds = time.perf_counter() - started
 
 
@@ -377,8 +394,10 @@ async def _bounded(result: RunResult, seconds: float, coroutines: list[Any]) -> 
 class Server:
     """`aircall-relay serve --port 0` in a subprocess, its log in a file."""
 
-    def __init__(self, env: dict[str, str], workdir: Path, workers: int, cpus: set[int]) -> None:
-        self.log_path = workdir / "server.log"
+    def __init__(
+        self, env: dict[str, str], workdir: Path, workers: int, cpus: set[int], name: str = "server"
+    ) -> None:
+        self.log_path = workdir / f"{name}.log"
         self._log = self.log_path.open("wb")
         command = [sys.executable, "-m", "relay.cli", "serve", "--port", "0"]
         if workers > 1:
@@ -431,6 +450,81 @@ class Server:
                 self.process.kill()
                 self.process.wait()
         self._log.close()
+
+
+class Servers:
+    """Several servers (`--receivers`), measured together: their CPU, context switches and
+    group-commit figures are sums."""
+
+    def __init__(self, servers: list[Server]) -> None:
+        self.servers = servers
+
+    @property
+    def ports(self) -> list[int]:
+        return [server.port for server in self.servers]
+
+    @property
+    def log_paths(self) -> list[Path]:
+        return [server.log_path for server in self.servers]
+
+    def cpu_seconds(self) -> tuple[float, float]:
+        figures = [server.cpu_seconds() for server in self.servers]
+        return sum(total for total, _ in figures), sum(main for _, main in figures)
+
+    def context_switches(self) -> int:
+        return sum(server.context_switches() for server in self.servers)
+
+    def scrape_metrics(self) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for server in self.servers:
+            for name, value in scrape_metrics(server.port).items():
+                totals[name] = totals.get(name, 0.0) + value
+        return totals
+
+    def stop(self) -> None:
+        for server in self.servers:
+            if server.process.poll() is None:
+                server.process.send_signal(signal.SIGTERM)
+        for server in self.servers:
+            server.stop()
+
+
+class PostgresSampler:
+    """The CPU of the local PostgreSQL server's processes for the outbox database during a run
+    (`proc_cpu.PostgresCpu`), sampled every half second by a thread of its own."""
+
+    def __init__(self, database_url: str) -> None:
+        database = database_url.rsplit("/", 1)[-1].split("?", 1)[0]
+        self.cpu = PostgresCpu({database}) if database_url.startswith("postgres") else None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> PostgresSampler:
+        if self.cpu is not None:
+            self.cpu.start()
+            if self.cpu.available:
+                self._thread = threading.Thread(target=self._sample, daemon=True)
+                self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        assert self.cpu is not None
+        while not self._stop.wait(0.5):
+            self.cpu.sample()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self.cpu is not None and self.cpu.available:
+            self.cpu.sample()
+
+    def seconds(self) -> tuple[float, float] | None:
+        """(backends of the outbox database, server processes), None when not measured."""
+        if self.cpu is None or not self.cpu.available:
+            return None
+        figures = self.cpu.seconds()
+        return figures["backends"], figures["server"]
 
 
 def _cpu_seconds(stat: Path) -> float:
@@ -530,19 +624,18 @@ def describe(result: RunResult) -> str:
             f" commit p99 <= {ms(result.commits.commit_seconds(0.99)).strip()} ms"
         )
     line += f" | client {100 * result.client_cpu_seconds / wall:2.0f}%"
+    if result.postgres_cpu_seconds is not None:
+        backends, server = result.postgres_cpu_seconds
+        line += (
+            f" | PostgreSQL {100 * backends / wall:3.0f}% backends"
+            f" ({backends * per_request:4.0f} us/req) + {100 * server / wall:2.0f}% server"
+        )
     if result.disturbed:
         line += f"  DISTURBED (other processes: {100 * result.other_cpu_seconds / wall:.0f}% cpu)"
     if result.unexpected or result.errors:
         others = {s: n for s, n in result.statuses.items() if s != result.expected_status}
         line += f"  UNEXPECTED statuses {others} errors {dict(result.errors)}"
     return line
-
-
-def busy_cpu_seconds() -> float:
-    """CPU time spent so far by everything on the machine (all cores, /proc/stat)."""
-    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def machine() -> str:
@@ -575,6 +668,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--workers", type=int, default=1, help="receiver worker processes")
     parser.add_argument(
+        "--receivers",
+        type=int,
+        default=1,
+        help="receiver servers (`aircall-relay serve`, each on a port of its own, each with "
+        "--workers); the connections are spread over them; more than one pins nothing",
+    )
+    parser.add_argument(
         "--rate", type=float, help="fixed-rate run, webhooks/s (default: half the stored rate)"
     )
     parser.add_argument(
@@ -591,6 +691,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=2,
         help="measure a run (or stored/401 pair) again, up to this many times, when other "
         "processes took more than a fifth of a core during it",
+    )
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=0.0,
+        help="before each run, wait up to this many seconds for a quiet second on the machine "
+        "(other processes under a fifth of a core)",
     )
     parser.add_argument("--examples", type=Path, default=DEFAULT_EXAMPLES, help="sample payloads")
     parser.add_argument("--dir", type=Path, help="parent of the temporary directory")
@@ -615,13 +722,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     cpus = sorted(os.sched_getaffinity(0))
     server_cpus: set[int] = set()
-    if len(cpus) >= 2 and not args.no_pin:
+    if len(cpus) >= 2 and not args.no_pin and args.receivers == 1:
         server_cpus = {cpus[0]}
         os.sched_setaffinity(0, set(cpus[1:]))
 
     print(f"machine: {machine()}")
     print(
-        f"server: aircall-relay serve, {args.workers} worker(s)"
+        f"server: {args.receivers} x aircall-relay serve, {args.workers} worker(s) each"
         + (f", pinned to CPU {cpus[0]}" if server_cpus else ", not pinned")
         + f"; database {database_url if args.database_url else 'SQLite in ' + str(workdir)}"
     )
@@ -632,41 +739,62 @@ def main(argv: list[str] | None = None) -> int:
 
     migrate(env)
     rows_before, received_before = count_rows(database_url)
-    server = Server(env, workdir, args.workers, server_cpus)
+    server = Servers(
+        [
+            Server(
+                env,
+                workdir,
+                args.workers,
+                server_cpus,
+                name="server" if args.receivers == 1 else f"server-{number + 1}",
+            )
+            for number in range(args.receivers)
+        ]
+    )
     stored_ok = 0  # 200s received, each a distinct event
     healthy = True
     try:
 
-        def stored_request() -> bytes:
-            return request_bytes(server.port, payloads.body(TOKEN))
+        def stored_request(port: int) -> bytes:
+            return request_bytes(port, payloads.body(TOKEN))
 
-        def refused_request() -> bytes:
-            return request_bytes(server.port, payloads.body(WRONG_TOKEN))
+        def refused_request(port: int) -> bytes:
+            return request_bytes(port, payloads.body(WRONG_TOKEN))
 
         def run(label: str, expected: int, drive: Callable[[RunResult], Any]) -> RunResult:
+            if args.quiet_wait > 0:
+                wait_for_quiet(args.quiet_wait)
             result = RunResult(label, expected)
-            metrics_before = scrape_metrics(server.port)
+            metrics_before = server.scrape_metrics()
             cpu_before, client_before = server.cpu_seconds(), time.process_time()
             switches_before = server.context_switches()
             busy_before = busy_cpu_seconds()
-            asyncio.run(drive(result))
+            with PostgresSampler(database_url) as postgres:
+                asyncio.run(drive(result))
             busy = busy_cpu_seconds() - busy_before
             cpu_after = server.cpu_seconds()
             result.server_cpu_seconds = cpu_after[0] - cpu_before[0]
             result.loop_cpu_seconds = cpu_after[1] - cpu_before[1]
             result.server_switches = server.context_switches() - switches_before
             result.client_cpu_seconds = time.process_time() - client_before
+            result.postgres_cpu_seconds = postgres.seconds()
             result.other_cpu_seconds = max(
-                0.0, busy - result.server_cpu_seconds - result.client_cpu_seconds
+                0.0,
+                busy
+                - result.server_cpu_seconds
+                - result.client_cpu_seconds
+                - sum(result.postgres_cpu_seconds or ()),
             )
-            result.commits = CommitFigures.between(metrics_before, scrape_metrics(server.port))
+            result.commits = CommitFigures.between(metrics_before, server.scrape_metrics())
             return result
 
-        def closed(label: str, expected: int, make: Callable[[], bytes], secs: float) -> RunResult:
+        def closed(
+            label: str, expected: int, make: Callable[[int], bytes], secs: float
+        ) -> RunResult:
             return run(
                 label,
                 expected,
-                lambda result: closed_loop(server.port, args.connections, secs, make, result),
+                lambda result: closed_loop(server.ports, args.connections, secs, make, result),
             )
 
         results: list[RunResult] = []
@@ -740,7 +868,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"{kind} {number}",
                             expected,
                             lambda result, make=make: open_loop(  # type: ignore[misc]
-                                server.port, args.connections, args.seconds, rate, make, result
+                                server.ports, args.connections, args.seconds, rate, make, result
                             ),
                         )
                         print(describe(fixed), flush=True)
@@ -779,7 +907,7 @@ def main(argv: list[str] | None = None) -> int:
         healthy = False
     if not healthy:
         print("errors or unexpected statuses: see the lines marked UNEXPECTED above")
-        print(f"server log: {server.log_path}")
+        print(f"server log(s): {', '.join(map(str, server.log_paths))}")
     if args.keep or not healthy:
         print(f"kept {workdir}")
     else:
