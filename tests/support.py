@@ -299,9 +299,12 @@ def call_lifecycle(call_id: int, shift_seconds: int = 0) -> list[dict[str, Any]]
     return events
 
 
-def incoming_event(body: dict[str, Any], received_at: Any, source: str = "main") -> Any:
+def incoming_event(
+    body: dict[str, Any], received_at: Any, source: str = "main", forward: bool = True
+) -> Any:
     """An `IncomingEvent` for `OutboxStore.insert_events`, as the receiver would build it from
-    `body` (a webhook without its token) received at `received_at`, to be forwarded."""
+    `body` (a webhook without its token) received at `received_at`, forwarded or (with
+    `forward=False`) to be stored `skipped` with the receiver's reason."""
     from relay import aircall
     from relay.db.store import IncomingEvent
 
@@ -317,7 +320,8 @@ def incoming_event(body: dict[str, Any], received_at: Any, source: str = "main")
         occurred_at=envelope.occurred_at,
         received_at=received_at,
         payload=envelope.payload,
-        forward=True,
+        forward=forward,
+        skip_reason=None if forward else aircall.skip_reason(envelope.event),
     )
 
 

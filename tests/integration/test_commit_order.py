@@ -13,35 +13,18 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
-from relay import aircall
 from relay.db.delivery import DeliveryStore, RequestRecord
 from relay.db.engine import create_engine
 from relay.db.store import IncomingEvent, OutboxStore
 from relay.db.tables import outbox
 from tests.support import OutboxDatabase, call_lifecycle
+from tests.support import incoming_event as incoming
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
 
 T0 = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 SETTLE = timedelta(seconds=5)
 LEASE = timedelta(seconds=60)
-
-
-def incoming(body: dict[str, object], received_at: datetime) -> IncomingEvent:
-    envelope = aircall.validate_envelope(body)
-    return IncomingEvent(
-        dedup_key=envelope.dedup_key,
-        message_id=envelope.message_id,
-        source="main",
-        resource=envelope.resource,
-        event=envelope.event,
-        resource_id=envelope.resource_id,
-        ordering_key=envelope.ordering_key,
-        occurred_at=envelope.occurred_at,
-        received_at=received_at,
-        payload=envelope.payload,
-        forward=True,
-    )
 
 
 def row_values(event: IncomingEvent) -> dict[str, object]:

@@ -22,12 +22,13 @@ import structlog.testing
 from relay import aircall
 from relay.db.delivery import DeliveryStore
 from relay.db.engine import create_engine
-from relay.db.store import IncomingEvent, OutboxStore
+from relay.db.store import OutboxStore
 from relay.drainer.loop import Drainer, DrainerConfig
 from relay.drainer.sender import SegmentSender
 from relay.segment import MappingOptions
 from relay.testing import ChaosEntry, FakeSegment, Fault, SourceConfig
 from tests.support import OutboxDatabase, call_lifecycle, sample
+from tests.support import incoming_event as incoming
 
 pytestmark = pytest.mark.anyio
 
@@ -99,23 +100,6 @@ class Relay:
 
     async def rows(self, sql: str = "SELECT * FROM outbox ORDER BY id") -> list[dict[str, Any]]:
         return await self.database.rows_async(sql)
-
-
-def incoming(body: dict[str, Any], received_at: datetime) -> IncomingEvent:
-    envelope = aircall.validate_envelope(body)
-    return IncomingEvent(
-        dedup_key=envelope.dedup_key,
-        message_id=envelope.message_id,
-        source="main",
-        resource=envelope.resource,
-        event=envelope.event,
-        resource_id=envelope.resource_id,
-        ordering_key=envelope.ordering_key,
-        occurred_at=envelope.occurred_at,
-        received_at=received_at,
-        payload=envelope.payload,
-        forward=True,
-    )
 
 
 @asynccontextmanager

@@ -12,38 +12,20 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import text
 
-from relay import aircall
 from relay.db.delivery import DeadRows, DeliveryStore, RequestRecord, RetryRows
 from relay.db.engine import create_engine
 from relay.db.inspect import EventFilter, OutboxInspector
-from relay.db.store import IncomingEvent, OutboxStore
+from relay.db.store import OutboxStore
 from relay.db.tables import utc_datetime
 from relay.drainer.retention import RetentionPolicy, purge_once
 from tests.acceptance.processes import relay_env, run_relay
 from tests.support import ROOT, OutboxDatabase, call_lifecycle, sample
+from tests.support import incoming_event as incoming
 
 pytestmark = pytest.mark.anyio
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 CALL = 1903456789
-
-
-def incoming(body: dict[str, object], received_at: datetime, forward: bool = True) -> IncomingEvent:
-    envelope = aircall.validate_envelope(body)
-    return IncomingEvent(
-        dedup_key=envelope.dedup_key,
-        message_id=envelope.message_id,
-        source="main",
-        resource=envelope.resource,
-        event=envelope.event,
-        resource_id=envelope.resource_id,
-        ordering_key=envelope.ordering_key,
-        occurred_at=envelope.occurred_at,
-        received_at=received_at,
-        payload=envelope.payload,
-        forward=forward,
-        skip_reason=None if forward else aircall.skip_reason(envelope.event),
-    )
 
 
 def record(ids: list[int], at: datetime, status: int | None, outcome: str) -> RequestRecord:

@@ -23,7 +23,7 @@ from relay import aircall
 from relay.db.engine import create_engine
 from relay.db.migrate import head_revision
 from relay.db.store import IncomingEvent, OutboxStore, StoredEvent
-from tests.support import OutboxDatabase, sample
+from tests.support import OutboxDatabase, incoming_event, sample
 
 pytestmark = pytest.mark.anyio
 
@@ -61,21 +61,8 @@ def incoming(
 ) -> IncomingEvent:
     body = dict(body)
     body.pop("token", None)
-    envelope = aircall.validate_envelope(body)
-    return IncomingEvent(
-        dedup_key=envelope.dedup_key,
-        message_id=envelope.message_id,
-        source=source,
-        resource=envelope.resource,
-        event=envelope.event,
-        resource_id=envelope.resource_id,
-        ordering_key=envelope.ordering_key,
-        occurred_at=envelope.occurred_at,
-        received_at=received_at,
-        payload=envelope.payload,
-        forward=forward,
-        skip_reason=None if forward else aircall.skip_reason(envelope.event),
-    )
+    event: IncomingEvent = incoming_event(body, received_at, source=source, forward=forward)
+    return event
 
 
 def call_event(event: str, call_id: int, timestamp: int = 1_773_151_326) -> dict[str, Any]:
