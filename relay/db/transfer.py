@@ -9,6 +9,7 @@ moved past the largest copied id, so new receipts keep increasing.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -39,7 +40,7 @@ async def copy_outbox(
         )
     rows = await _copy_table(source, target, outbox, outbox.c.id, batch_size)
     requests = await _copy_table(
-        source, target, delivery_requests, delivery_requests.c.started_at, batch_size
+        source, target, delivery_requests, delivery_requests.c.id, batch_size
     )
     if target.dialect.name == "postgresql" and rows:
         async with writer(target).begin() as connection:
@@ -56,22 +57,23 @@ async def _copy_table(
     source: AsyncEngine,
     target: AsyncEngine,
     table: sa.Table,
-    order: sa.ColumnElement[object],
+    key: sa.Column[Any],
     batch_size: int,
 ) -> int:
+    """Copy `table` in batches ordered by its unique `key`, each batch read after the last key
+    copied (keyset paging: every row exactly once, and each read as cheap as the first, where an
+    OFFSET would re-read every row before it)."""
     copied = 0
-    offset = 0
+    last: Any = None
     while True:
+        query = sa.select(table).order_by(key).limit(batch_size)
+        if last is not None:
+            query = query.where(key > last)
         async with source.connect() as connection:
-            batch = [
-                dict(row._mapping)
-                for row in await connection.execute(
-                    sa.select(table).order_by(order).offset(offset).limit(batch_size)
-                )
-            ]
+            batch = [dict(row._mapping) for row in await connection.execute(query)]
         if not batch:
             return copied
         async with writer(target).begin() as connection:
             await connection.execute(sa.insert(table), batch)
         copied += len(batch)
-        offset += len(batch)
+        last = batch[-1][key.name]

@@ -288,13 +288,23 @@ async def test_copy_an_sqlite_outbox_to_postgresql(
     await store.insert_events([incoming(body, NOW - timedelta(minutes=5)) for body in bodies])
     claimed = await delivery.claim("x", NOW, NOW, NOW + timedelta(minutes=1), 5, 5)
     ids = [row.id for row in claimed]
-    await delivery.finish("x", record(ids, NOW, 200, "delivered"), delivered=ids)
+    for row_id in ids:  # one request each: several pages of delivery_requests below
+        await delivery.finish("x", record([row_id], NOW, 200, "delivered"), delivered=[row_id])
     await engine.dispose()
 
     env = relay_env(postgres_database.url)
-    copied = run_relay("outbox", "copy", "--from", sqlite_database.url, env=env)
+    # Pages of 2 rows: every row must come over once, whatever the page boundaries.
+    copied = run_relay(
+        "outbox", "copy", "--from", sqlite_database.url, "--batch-size", "2", env=env
+    )
     assert copied.returncode == 0, copied.stderr
-    assert copied.stdout.strip() == f"copied {len(bodies)} outbox row(s) and 1 delivery request(s)"
+    assert copied.stdout.strip() == (
+        f"copied {len(bodies)} outbox row(s) and {len(ids)} delivery request(s)"
+    )
+    request_ids = "SELECT id FROM delivery_requests ORDER BY id"
+    assert await postgres_database.rows_async(request_ids) == (
+        await sqlite_database.rows_async(request_ids)
+    )
     columns = "id, event, status, dedup_key, message_id, ordering_key, occurred_at, received_count"
     source_rows = await sqlite_database.rows_async(f"SELECT {columns} FROM outbox ORDER BY id")
     target_rows = await postgres_database.rows_async(f"SELECT {columns} FROM outbox ORDER BY id")
