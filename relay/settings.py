@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import unquote, urlsplit
 
 from relay.aircall import KNOWN_EVENTS, SEGMENT_CATALOGUE_EVENTS
 from relay.segment import MappingOptions, parse_path
@@ -622,6 +623,12 @@ class Settings:
         for secret in (self.segment_write_key, self.pii_hash_key):
             if secret is not None:
                 values.append(secret.reveal())
+        # The database password too: a driver's error may quote the URL it was given. Values
+        # are redacted wherever they appear, so a password of under 8 characters (a word like
+        # `relay`) is left out rather than blanking that word in every log line.
+        database_password = unquote(urlsplit(self.database_url).password or "")
+        if len(database_password) >= 8:
+            values.append(database_password)
         return values
 
     def unknown_forward_events(self) -> list[str]:

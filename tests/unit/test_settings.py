@@ -117,6 +117,14 @@ def test_write_key_is_a_secret() -> None:
     assert "wk-secret-value" in settings.secrets()
 
 
+def test_the_database_password_is_redacted_from_logs() -> None:
+    url = "postgresql://relay:p%40ss-w0rd@db.internal/relay"
+    assert "p@ss-w0rd" in load_settings({"RELAY_DATABASE_URL": url}).secrets()
+    assert load_settings({"RELAY_DATABASE_URL": "sqlite:///data/outbox.sqlite3"}).secrets() == []
+    short = load_settings({"RELAY_DATABASE_URL": "postgresql://relay:relay@db.internal/relay"})
+    assert short.secrets() == []  # redacting "relay" would blank the word in every line
+
+
 def test_toml_file_and_environment_precedence(tmp_path: Path) -> None:
     path = tmp_path / "relay.toml"
     path.write_text(
