@@ -15,6 +15,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from relay.aircall import MESSAGE_ID_PREFIX
 from relay.db.engine import writer
 from relay.db.tables import delivery_requests, outbox, utc_datetime
 
@@ -135,12 +136,18 @@ class OutboxInspector:
             return [dict(row._mapping) for row in await connection.execute(statement)]
 
     async def find(self, reference: str) -> dict[str, Any] | None:
-        """A row by receipt id (digits) or by messageId, with the requests that carried it."""
-        condition = (
-            outbox.c.id == int(reference)
-            if reference.isdigit()
-            else outbox.c.message_id == reference
-        )
+        """A row by receipt id (digits) or by messageId, with the requests that carried it.
+
+        A messageId is found through its dedup key (`aircall-` + the key), which is indexed;
+        `message_id` itself is not (migration 0004).
+        """
+        if reference.isdigit():
+            condition = outbox.c.id == int(reference)
+        elif reference.startswith(MESSAGE_ID_PREFIX):
+            dedup_key = reference.removeprefix(MESSAGE_ID_PREFIX)
+            condition = sa.and_(outbox.c.dedup_key == dedup_key, outbox.c.message_id == reference)
+        else:
+            return None
         async with self.engine.connect() as connection:
             row = (await connection.execute(sa.select(outbox).where(condition))).first()
             if row is None:

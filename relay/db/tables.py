@@ -88,8 +88,9 @@ outbox = sa.Table(
     sa.Column("delivered_at", UtcDateTime(), nullable=True),
     sa.Column("request_id", sa.String(64), nullable=True, comment="delivery_requests.id"),
     sa.Column("late", sa.Boolean(), nullable=False, server_default=sa.false()),
+    # message_id is "aircall-" + dedup_key: unique because dedup_key is (migration 0004 dropped
+    # its own unique index). Look a messageId up by `dedup_key = substr(message_id, 9)`.
     sa.UniqueConstraint("dedup_key"),
-    sa.UniqueConstraint("message_id"),
     sa.CheckConstraint(
         "status IN ('pending', 'delivering', 'delivered', 'dead', 'skipped')", name="status"
     ),

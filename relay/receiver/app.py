@@ -186,7 +186,7 @@ async def _handle_webhook(state: ReceiverState) -> tuple[Response, dict[str, Any
         return _error(401, "unauthorized", detail), {"outcome": "unauthorized", "detail": detail}
 
     try:
-        envelope = aircall.validate_envelope(body)
+        envelope = aircall.validate_envelope(body, parsed=True)
     except aircall.EnvelopeError as error:
         return _error(400, "invalid_envelope", str(error)), {
             "outcome": "invalid_envelope",

@@ -70,3 +70,62 @@ def test_sqlite_connections_are_wal_full_sync_with_busy_timeout(tmp_path: Path) 
             await engine.dispose()
 
     assert asyncio.run(pragmas()) == ("wal", 2, 1500)  # synchronous 2 is FULL
+
+
+def _execute(url: str, *statements: str) -> None:
+    async def run() -> None:
+        engine = create_engine(url)
+        try:
+            async with engine.begin() as connection:
+                for statement in statements:
+                    await connection.execute(text(statement))
+        finally:
+            await engine.dispose()
+
+    asyncio.run(run())
+
+
+def _outbox_row(dedup_key: str) -> str:
+    return (
+        "INSERT INTO outbox (dedup_key, message_id, source, resource, event, ordering_key,"
+        " occurred_at, received_at, last_received_at, payload, status) VALUES"
+        f" ('{dedup_key}', 'aircall-{dedup_key}', 'default', 'call', 'call.hungup', 'call:1',"
+        " '2026-01-01 00:00:00', '2026-01-01 00:00:00', '2026-01-01 00:00:00', '{}', 'pending')"
+    )
+
+
+def test_0004_drops_the_message_id_index_and_keeps_rows_views_and_ids(
+    empty_database_url: str,
+) -> None:
+    url = empty_database_url
+    command.upgrade(alembic_config(url), "0003")
+    _execute(url, _outbox_row("a" * 64), _outbox_row("b" * 64))
+    # The newest rows were purged: the next receipt id must still come after them.
+    _execute(url, "DELETE FROM outbox WHERE dedup_key = '" + "b" * 64 + "'")
+
+    command.upgrade(alembic_config(url), "0004")
+
+    rows = fetch_all(url, "SELECT id, dedup_key, message_id FROM outbox")
+    assert rows == [{"id": 1, "dedup_key": "a" * 64, "message_id": "aircall-" + "a" * 64}]
+    assert fetch_all(url, "SELECT event, events FROM outbox_backlog") == [
+        {"event": "call.hungup", "events": 1}
+    ]
+    assert [row["call_id"] for row in fetch_all(url, "SELECT * FROM calls_awaiting_call_ended")]
+    _execute(url, _outbox_row("c" * 64))
+    [new] = fetch_all(url, "SELECT id FROM outbox WHERE dedup_key = '" + "c" * 64 + "'")
+    assert new["id"] == 3
+    # The same messageId twice is no longer refused by the database itself (dedup_key still is).
+    _execute(
+        url,
+        _outbox_row("d" * 64).replace("'aircall-" + "d" * 64, "'aircall-" + "a" * 64),
+    )
+    command.check(alembic_config(url))
+
+    _execute(url, "DELETE FROM outbox WHERE dedup_key = '" + "d" * 64 + "'")
+    command.downgrade(alembic_config(url), "0003")
+    assert len(fetch_all(url, "SELECT id FROM outbox")) == 2
+    with pytest.raises(Exception, match=r"(?i)unique"):
+        _execute(
+            url,
+            _outbox_row("e" * 64).replace("'aircall-" + "e" * 64, "'aircall-" + "a" * 64),
+        )
