@@ -13,7 +13,7 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, Final
 
 import sqlalchemy as sa
@@ -266,11 +266,20 @@ class _BatchInsert:
         ]
         if unexpected:  # pragma: no cover - a SQLAlchemy upgrade that converts more columns
             raise RuntimeError(f"columns {unexpected} need a conversion insert_events lacks")
-        self._moment = _or_identity(processors["received_at"])  # every moment is a UtcDateTime
+        # Every moment is a UtcDateTime. On SQLite, its processors (UtcDateTime's, then the
+        # dialect's DATETIME text) come down to one `isoformat`; checked against them here.
+        self._moment = _or_identity(processors["received_at"])
+        if dialect.name == "sqlite":
+            probe = datetime(2026, 3, 10, 14, 7, 48, 5, tzinfo=timezone(timedelta(hours=2)))
+            if _sqlite_moment(probe) != self._moment(probe):  # pragma: no cover - an upgrade
+                raise RuntimeError("SQLite's DATETIME text is not what _sqlite_moment writes")
+            self._moment = _sqlite_moment
         self._flag = _or_identity(processors["late"])
         self._not_late = self._flag(False)
         self._select_sql: dict[int, str] = {}
+        self._select_packed_sql: dict[int, str] = {}
         self._insert_returning: dict[int, str] = {}
+        self._insert_values: dict[int, str] = {}
 
     def row(self, item: IncomingEvent, copies: int) -> tuple[Any, ...]:
         """The statement's parameters for one event, converted for the driver."""
@@ -312,6 +321,33 @@ class _BatchInsert:
             self._insert_returning[count] = sql
         return sql
 
+    def insert_values(self, count: int) -> str:
+        """SQLite: the upsert of `count` rows as one statement (`VALUES (...), (...)`); its
+        parameters are the rows' values, row after row."""
+        sql = self._insert_values.get(count)
+        if sql is None:
+            head, rest = self.sql.split(" VALUES ", 1)
+            group, tail = rest.split(") ON CONFLICT ", 1)
+            sql = f"{head} VALUES {', '.join([group + ')'] * count)} ON CONFLICT {tail}"
+            self._insert_values[count] = sql
+        return sql
+
+    def select_outcomes_packed(self, keys: list[str]) -> tuple[str, tuple[Any, ...]]:
+        """SQLite: one row, one text, holding (id, received_count, status, dedup_key) of each of
+        `keys`, fields separated by the ASCII unit separator and rows by the record separator
+        (a dedup key is hex); see `unpack_outcomes`. One row, because the sqlite3 module
+        releases and takes back the GIL for every row it steps through, and each time the
+        event loop's thread may hold it."""
+        sql = self._select_packed_sql.get(len(keys))
+        if sql is None:
+            sql = (
+                "SELECT group_concat(id || char(31) || received_count || char(31) || status"
+                " || char(31) || dedup_key, char(30)) FROM outbox"
+                f" WHERE dedup_key IN ({', '.join('?' * len(keys))})"
+            )
+            self._select_packed_sql[len(keys)] = sql
+        return sql, tuple(keys)
+
     def select_outcomes(self, keys: list[str]) -> tuple[str, tuple[Any, ...]]:
         """SQL and parameters reading back (id, dedup_key, received_count, status) of `keys`."""
         columns = "SELECT id, dedup_key, received_count, status FROM outbox WHERE dedup_key"
@@ -349,6 +385,22 @@ def _new_pending_rows(rows: list[tuple[Any, ...]], returned: Sequence[Any]) -> i
 def _shift_parameters(sql: str, shift: int) -> str:
     """`$1` becomes `$(1 + shift)`, and so on: the same group of values, for a later row."""
     return _NUMBERED_PARAMETER.sub(lambda match: f"${int(match.group(1)) + shift}", sql)
+
+
+def unpack_outcomes(packed: str | None) -> dict[str, tuple[int, int, str]]:
+    """`select_outcomes_packed`'s text as {dedup_key: (id, received_count, status)}."""
+    outcomes: dict[str, tuple[int, int, str]] = {}
+    for record in packed.split("\x1e") if packed else ():
+        row_id, count, status, key = record.split("\x1f")
+        outcomes[key] = (int(row_id), int(count), status)
+    return outcomes
+
+
+def _sqlite_moment(value: datetime) -> str:
+    """An aware datetime as SQLite's DATETIME text in UTC: `2026-03-10 12:07:48.000005`."""
+    if value.tzinfo is None:
+        raise ValueError("naive datetime given where an aware UTC one is needed")
+    return value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
 def _or_identity(processor: Callable[[Any], Any] | None) -> Callable[[Any], Any]:
@@ -396,10 +448,16 @@ class _SqliteBatchWriter:
                 connection = self._connection = self._connect()
             connection.execute(sql)
             try:
-                sql = statement.sql
-                connection.executemany(sql, rows)
-                sql, parameters = statement.select_outcomes(keys)
-                returned = connection.execute(sql, parameters).fetchall()
+                # As few statements as SQLite's limit on parameters allows (32,766 since
+                # 3.32, 999 before): one for a whole batch of up to 256 rows on a recent one.
+                width = len(_WRITTEN_COLUMNS)
+                per_statement = connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // width
+                for start in range(0, len(rows), per_statement):
+                    chunk = rows[start : start + per_statement]
+                    sql = statement.insert_values(len(chunk))
+                    connection.execute(sql, [value for row in chunk for value in row])
+                sql, parameters = statement.select_outcomes_packed(keys)
+                packed = connection.execute(sql, parameters).fetchone()[0]
                 sql = "COMMIT"
                 connection.execute(sql)
             except BaseException:
@@ -411,7 +469,7 @@ class _SqliteBatchWriter:
             raise sa_exc.DBAPIError.instance(
                 sql, None, error, sqlite3.Error, hide_parameters=True
             ) from error
-        return {key: (row_id, count, status) for row_id, key, count, status in returned}
+        return unpack_outcomes(packed)
 
     def _discard(self) -> None:
         connection, self._connection = self._connection, None
