@@ -83,8 +83,8 @@ class OutboxStore:
         the same transaction is ours).
 
         The statement is compiled once (`_BatchInsert`). On a SQLite file the whole transaction
-        (`executemany` of the upsert, then one SELECT of the rows' outcomes) runs in one call on
-        a thread of its own (`_SqliteBatchWriter`); on PostgreSQL it is one multi-row
+        (one multi-row upsert, then one SELECT of the rows' outcomes packed in one row) runs in
+        one call on a thread of its own (`_SqliteBatchWriter`); on PostgreSQL it is one multi-row
         `INSERT ... RETURNING`, then one NOTIFY if new rows are to be delivered
         (`relay/db/notify.py`).
         """
