@@ -83,9 +83,9 @@ class OutboxStore:
         the same transaction is ours).
 
         The statement is compiled once (`_BatchInsert`). On a SQLite file the whole transaction
-        (one multi-row upsert, then one SELECT of the rows' outcomes packed in one row) runs in
-        one call on a thread of its own (`_SqliteBatchWriter`); on PostgreSQL it is one multi-row
-        `INSERT ... RETURNING`, then one NOTIFY if new rows are to be delivered
+        (`executemany` of the upsert, then one SELECT of the rows' outcomes packed in one row)
+        runs in one call on a thread of its own (`_SqliteBatchWriter`); on PostgreSQL it is one
+        multi-row `INSERT ... RETURNING`, then one NOTIFY if new rows are to be delivered
         (`relay/db/notify.py`).
         """
         copies: dict[str, int] = {}
@@ -279,7 +279,6 @@ class _BatchInsert:
         self._select_sql: dict[int, str] = {}
         self._select_packed_sql: dict[int, str] = {}
         self._insert_returning: dict[int, str] = {}
-        self._insert_values: dict[int, str] = {}
 
     def row(self, item: IncomingEvent, copies: int) -> tuple[Any, ...]:
         """The statement's parameters for one event, converted for the driver."""
@@ -319,17 +318,6 @@ class _BatchInsert:
                 " RETURNING outbox.id, outbox.dedup_key, outbox.received_count, outbox.status"
             )
             self._insert_returning[count] = sql
-        return sql
-
-    def insert_values(self, count: int) -> str:
-        """SQLite: the upsert of `count` rows as one statement (`VALUES (...), (...)`); its
-        parameters are the rows' values, row after row."""
-        sql = self._insert_values.get(count)
-        if sql is None:
-            head, rest = self.sql.split(" VALUES ", 1)
-            group, tail = rest.split(") ON CONFLICT ", 1)
-            sql = f"{head} VALUES {', '.join([group + ')'] * count)} ON CONFLICT {tail}"
-            self._insert_values[count] = sql
         return sql
 
     def select_outcomes_packed(self, keys: list[str]) -> tuple[str, tuple[Any, ...]]:
@@ -448,14 +436,8 @@ class _SqliteBatchWriter:
                 connection = self._connection = self._connect()
             connection.execute(sql)
             try:
-                # As few statements as SQLite's limit on parameters allows (32,766 since
-                # 3.32, 999 before): one for a whole batch of up to 256 rows on a recent one.
-                width = len(_WRITTEN_COLUMNS)
-                per_statement = connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // width
-                for start in range(0, len(rows), per_statement):
-                    chunk = rows[start : start + per_statement]
-                    sql = statement.insert_values(len(chunk))
-                    connection.execute(sql, [value for row in chunk for value in row])
+                sql = statement.sql
+                connection.executemany(sql, rows)
                 sql, parameters = statement.select_outcomes_packed(keys)
                 packed = connection.execute(sql, parameters).fetchone()[0]
                 sql = "COMMIT"

@@ -10,7 +10,6 @@ copy) is `test_operations.py`. All three run every test on both databases throug
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -24,7 +23,7 @@ from relay import aircall
 from relay.db.engine import create_engine
 from relay.db.migrate import head_revision
 from relay.db.store import IncomingEvent, OutboxStore, StoredEvent
-from tests.support import DatabaseFactory, OutboxDatabase, incoming_event, sample
+from tests.support import OutboxDatabase, incoming_event, sample
 
 pytestmark = pytest.mark.anyio
 
@@ -267,39 +266,3 @@ async def test_schema_state_of_an_unreachable_database_says_so_without_raising(
     assert state.reachable is False
     assert state.revision is None
     assert state.error
-
-
-@pytest.fixture
-def sqlite_database(database_factory: DatabaseFactory, tmp_path: Path) -> OutboxDatabase:
-    return database_factory.make("sqlite", tmp_path)
-
-
-async def test_a_group_larger_than_one_sqlite_statement_takes_is_written_whole(
-    sqlite_database: OutboxDatabase,
-) -> None:
-    """SQLite before 3.32 takes at most 999 parameters in a statement; the receiver then writes
-    a group in several statements of one transaction. Here the limit is set to 40 (two rows of
-    17 values per statement), and a group of 9 events, one of them twice, is written."""
-    engine = create_engine(sqlite_database.url)
-    store = OutboxStore(engine)
-    writer = store._get_sqlite_writer()
-    assert writer is not None
-    connect = writer._connect
-
-    def connect_with_a_low_limit() -> sqlite3.Connection:
-        connection = connect()
-        connection.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 40)
-        return connection
-
-    writer._connect = connect_with_a_low_limit
-    try:
-        events = [incoming(call_event("call.created", 5_300_000_000 + n)) for n in range(8)]
-        results = await store.insert_events([*events, events[3]])
-        assert [r.received_count for r in results] == [1, 1, 1, 2, 1, 1, 1, 1, 2]
-        assert [r.duplicate for r in results] == [False] * 8 + [True]
-        assert results[8].id == results[3].id
-        assert [r.id for r in results[:8]] == sorted(r.id for r in results[:8])
-        assert await store.count_events() == 8
-    finally:
-        await store.close_writer()
-        await engine.dispose()
