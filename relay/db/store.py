@@ -83,8 +83,8 @@ class OutboxStore:
         the same transaction is ours).
 
         The statement is compiled once (`_BatchInsert`). On a SQLite file the whole transaction
-        (`executemany` of the upsert, then one SELECT of the rows' outcomes packed in one row)
-        runs in one call on a thread of its own (`_SqliteBatchWriter`); on PostgreSQL it is one
+        (`executemany` of the upsert, then one SELECT of the rows' outcomes) runs in one call
+        on a thread of its own (`_SqliteBatchWriter`); on PostgreSQL it is one
         multi-row `INSERT ... RETURNING`, then one NOTIFY if new rows are to be delivered
         (`relay/db/notify.py`).
         """
@@ -277,7 +277,6 @@ class _BatchInsert:
         self._flag = _or_identity(processors["late"])
         self._not_late = self._flag(False)
         self._select_sql: dict[int, str] = {}
-        self._select_packed_sql: dict[int, str] = {}
         self._insert_returning: dict[int, str] = {}
 
     def row(self, item: IncomingEvent, copies: int) -> tuple[Any, ...]:
@@ -320,22 +319,6 @@ class _BatchInsert:
             self._insert_returning[count] = sql
         return sql
 
-    def select_outcomes_packed(self, keys: list[str]) -> tuple[str, tuple[Any, ...]]:
-        """SQLite: one row, one text, holding (id, received_count, status, dedup_key) of each of
-        `keys`, fields separated by the ASCII unit separator and rows by the record separator
-        (a dedup key is hex); see `unpack_outcomes`. One row, because the sqlite3 module
-        releases and takes back the GIL for every row it steps through, and each time the
-        event loop's thread may hold it."""
-        sql = self._select_packed_sql.get(len(keys))
-        if sql is None:
-            sql = (
-                "SELECT group_concat(id || char(31) || received_count || char(31) || status"
-                " || char(31) || dedup_key, char(30)) FROM outbox"
-                f" WHERE dedup_key IN ({', '.join('?' * len(keys))})"
-            )
-            self._select_packed_sql[len(keys)] = sql
-        return sql, tuple(keys)
-
     def select_outcomes(self, keys: list[str]) -> tuple[str, tuple[Any, ...]]:
         """SQL and parameters reading back (id, dedup_key, received_count, status) of `keys`."""
         columns = "SELECT id, dedup_key, received_count, status FROM outbox WHERE dedup_key"
@@ -373,15 +356,6 @@ def _new_pending_rows(rows: list[tuple[Any, ...]], returned: Sequence[Any]) -> i
 def _shift_parameters(sql: str, shift: int) -> str:
     """`$1` becomes `$(1 + shift)`, and so on: the same group of values, for a later row."""
     return _NUMBERED_PARAMETER.sub(lambda match: f"${int(match.group(1)) + shift}", sql)
-
-
-def unpack_outcomes(packed: str | None) -> dict[str, tuple[int, int, str]]:
-    """`select_outcomes_packed`'s text as {dedup_key: (id, received_count, status)}."""
-    outcomes: dict[str, tuple[int, int, str]] = {}
-    for record in packed.split("\x1e") if packed else ():
-        row_id, count, status, key = record.split("\x1f")
-        outcomes[key] = (int(row_id), int(count), status)
-    return outcomes
 
 
 def _sqlite_moment(value: datetime) -> str:
@@ -438,8 +412,8 @@ class _SqliteBatchWriter:
             try:
                 sql = statement.sql
                 connection.executemany(sql, rows)
-                sql, parameters = statement.select_outcomes_packed(keys)
-                packed = connection.execute(sql, parameters).fetchone()[0]
+                sql, parameters = statement.select_outcomes(keys)
+                returned = connection.execute(sql, parameters).fetchall()
                 sql = "COMMIT"
                 connection.execute(sql)
             except BaseException:
@@ -451,7 +425,7 @@ class _SqliteBatchWriter:
             raise sa_exc.DBAPIError.instance(
                 sql, None, error, sqlite3.Error, hide_parameters=True
             ) from error
-        return unpack_outcomes(packed)
+        return {key: (row_id, count, status) for row_id, key, count, status in returned}
 
     def _discard(self) -> None:
         connection, self._connection = self._connection, None
