@@ -24,6 +24,14 @@ operators with a worked example in docs/mapping.md:
   removed. The arrays, in order: a `user` event's `numbers`, a `number` event's `users`, then every
   other `numbers` or `users` array in document order (a call's `number.users`, `call_user.numbers`).
   Still too large: UnsendableEvent `too_large`.
+- Encoding: compact UTF-8 JSON, keys in their order, byte for byte what the standard library's
+  `json` writes (`separators=(",", ":")`, `ensure_ascii=False`). The drainer hands over the stored
+  payload as text; `decode_payload` parses it with orjson when that gives exactly what
+  `json.loads` gives, and such a message is then encoded with orjson, which writes the same bytes
+  (tests/unit/test_segment_json.py). The one difference: a number with a fraction or an exponent
+  (Aircall sends none) is spelt orjson's way (`1e-7` for `1e-07`), the same number; and a message
+  near the size limit is measured and trimmed on the standard library's bytes, so what is trimmed
+  never depends on the encoder.
 """
 
 from __future__ import annotations
@@ -34,6 +42,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any, Final
+
+import orjson
 
 from relay import __version__
 from relay.aircall import MESSAGE_ID_PREFIX, resource_id_of
@@ -60,6 +70,7 @@ __all__ = [
     "UnsendableEvent",
     "batch_body_bytes",
     "batch_overhead_bytes",
+    "decode_payload",
     "encode_batch",
     "format_timestamp",
     "parse_path",
@@ -128,7 +139,9 @@ class OutboxEvent:
     event: str  # "call.created"
     resource_id: str | None  # data.id as text (exact digits), or None
     occurred_at: datetime  # Aircall's timestamp, aware
-    payload: Mapping[str, Any]  # {"resource", "event", "timestamp", "data"}, token removed
+    # {"resource", "event", "timestamp", "data"}, token removed: parsed, or the stored JSON text
+    # (what the drainer passes: mapping parses it, faster, see decode_payload).
+    payload: Mapping[str, Any] | str | bytes
 
     def __post_init__(self) -> None:
         # A naive datetime is a bug in the caller, not a property of the event: fail loudly here
@@ -186,6 +199,8 @@ class TrackMessage:
 
 def format_timestamp(moment: datetime) -> str:
     """ISO-8601 UTC with milliseconds and `Z`: `2026-03-10T14:07:48.000Z`."""
+    if moment.tzinfo is UTC:  # what the outbox gives: no conversion, "+00:00" becomes "Z"
+        return moment.isoformat(timespec="milliseconds")[:-6] + "Z"
     if moment.tzinfo is None or moment.utcoffset() is None:
         raise ValueError(f"a timezone-aware datetime is required, got {moment!r}")
     utc = moment.astimezone(UTC).replace(tzinfo=None)
@@ -194,11 +209,24 @@ def format_timestamp(moment: datetime) -> str:
 
 def to_track_message(event: OutboxEvent, options: MappingOptions) -> TrackMessage:
     """Map one outbox event to a Segment track message; raises UnsendableEvent."""
-    data = event.payload.get("data")
-    if not isinstance(data, Mapping):
-        raise UnsendableEvent(INVALID_PAYLOAD, "the stored payload has no `data` object")
+    payload = event.payload
+    fast = False
+    if isinstance(payload, str | bytes):
+        try:
+            payload, fast = decode_payload(payload)
+        except RecursionError:
+            raise UnsendableEvent(NOT_JSON, "the stored payload is nested too deeply") from None
+        except ValueError as error:  # JSONDecodeError, or bytes that are not UTF-8
+            raise UnsendableEvent(NOT_JSON, f"the stored payload is not JSON: {error}") from None
+        if not isinstance(payload, dict):
+            raise UnsendableEvent(INVALID_PAYLOAD, "the stored payload is not a JSON object")
+    data = payload.get("data")
+    if type(data) is not dict:
+        if not isinstance(data, Mapping):
+            raise UnsendableEvent(INVALID_PAYLOAD, "the stored payload has no `data` object")
+        data = dict(data)
     try:
-        return _to_track_message(event, data if isinstance(data, dict) else dict(data), options)
+        return _to_track_message(event, data, options, fast)
     except RecursionError:
         # The receiver parsed this JSON, so it is within Python's nesting limit, but walking it
         # takes a few frames per level more than parsing did.
@@ -206,7 +234,7 @@ def to_track_message(event: OutboxEvent, options: MappingOptions) -> TrackMessag
 
 
 def _to_track_message(
-    event: OutboxEvent, data: dict[str, Any], options: MappingOptions
+    event: OutboxEvent, data: dict[str, Any], options: MappingOptions, fast: bool
 ) -> TrackMessage:
     identity_key, identity_value = _identity(event, data)
     sent_data = data if options._redactor is None else options._redactor.apply(data)
@@ -224,13 +252,37 @@ def _to_track_message(
     }
     library = {"name": options.library_name, "version": options.library_version}
     message = {**head, "properties": properties, "context": {"library": library}}
-    codes = validate_message(message)
-    if codes:
-        raise UnsendableEvent(codes[0], "Segment would discard this message: " + ", ".join(codes))
-    encoded = _encode(message)
+    if not _valid_as_built(event.event, event.message_id, identity_value):
+        codes = validate_message(message)
+        if codes:
+            raise UnsendableEvent(
+                codes[0], "Segment would discard this message: " + ", ".join(codes)
+            )
+    encoded = _encode(message, fast)
+    if fast and len(encoded) * 5 > options.max_message_bytes * 4:
+        # Near the limit: measured (and trimmed) on the standard library's bytes, whose floats
+        # can be up to a quarter longer than orjson's (`1e-07`, `1e-7`); below four fifths of
+        # the limit neither encoding can reach it, so nothing is trimmed either way.
+        encoded = _encode(message, False)
     if len(encoded) <= options.max_message_bytes:
         return TrackMessage(message=message, encoded=encoded, trimmed=())
     return _trimmed_to_fit(event.resource, head, properties, library, len(encoded), options)
+
+
+def _valid_as_built(event_name: object, message_id: object, identity_value: object) -> bool:
+    """True when validate_message would find nothing wrong with the message _to_track_message
+    built from these values. The rest holds by construction: `type` is `track`, exactly one of
+    `userId` and `anonymousId` is there, `properties` is a dict, `timestamp` comes from
+    format_timestamp, there is no `sentAt`. So only the values from the row can fail, and when
+    one might, validate_message itself gives the codes (tests check the two agree)."""
+    return (
+        type(event_name) is str
+        and event_name != ""
+        and type(message_id) is str
+        and 0 < len(message_id) <= MAX_MESSAGE_ID_CHARS
+        and type(identity_value) is str
+        and identity_value != ""
+    )
 
 
 def _identity(event: OutboxEvent, data: dict[str, Any]) -> tuple[str, str]:
@@ -304,8 +356,48 @@ _ENCODER: Final[json.JSONEncoder] = json.JSONEncoder(
     separators=(",", ":"), ensure_ascii=False, allow_nan=False, check_circular=False
 )
 
+# For decode_payload: every ASCII digit to "0", every other byte to a space, so that a run of 19
+# digits anywhere in the text is one substring search.
+_DIGITS_AS_ZEROS: Final[bytes] = bytes(
+    0x30 if 0x30 <= byte <= 0x39 else 0x20 for byte in range(256)
+)
+_NINETEEN_DIGITS: Final[bytes] = b"0" * 19
 
-def _encode(message: Mapping[str, Any]) -> bytes:
+
+def decode_payload(text: str | bytes) -> tuple[Any, bool]:
+    """The stored JSON text parsed exactly as `json.loads` parses it, and whether orjson parsed
+    it (then what it holds may be encoded by orjson: see `_encode`).
+
+    orjson parses about twice as fast and gives the same value for every JSON text it accepts,
+    but for integers beyond 64 bits, which it silently reads as floats (an Aircall id above
+    2**64 would lose digits). Those have at least 19 digits (every 18-digit integer fits), so a
+    text with a run of 19 digits anywhere (in a string too: that only costs speed) is left to
+    the standard library, as is every text orjson refuses (`NaN`, `1e400`, a lone surrogate
+    escape, nesting past 1,024 levels), which `json.loads` then parses or refuses as before.
+    What orjson returns holds no integer beyond 64 bits and no NaN or infinity.
+
+    Raises ValueError (json.JSONDecodeError) or RecursionError like `json.loads`.
+    """
+    raw = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
+    if _NINETEEN_DIGITS not in raw.translate(_DIGITS_AS_ZEROS):
+        try:
+            return orjson.loads(raw), True
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(text), False
+
+
+def _encode(message: Mapping[str, Any], fast: bool = False) -> bytes:
+    """The message's compact UTF-8 JSON. `fast`: it was built from a payload orjson parsed (no
+    integer beyond 64 bits, no NaN or infinity, which orjson would write as `null`), so orjson
+    may write it: the same bytes as the standard library but for how floats are spelt. orjson
+    refuses what it cannot write exactly (a lone surrogate in a string, nesting past 255 levels,
+    an integer beyond 64 bits) with TypeError: the standard library writes those."""
+    if fast:
+        try:
+            return orjson.dumps(message)
+        except TypeError:
+            pass
     try:
         try:
             return _ENCODER.encode(message).encode("utf-8")
