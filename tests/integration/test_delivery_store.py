@@ -4,6 +4,7 @@ questions the drainer asks."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
@@ -13,6 +14,7 @@ from relay import aircall
 from relay.db.delivery import DeadRows, DeliveryStore, RequestRecord, RetryRows
 from relay.db.engine import create_engine
 from relay.db.store import IncomingEvent, OutboxStore
+from relay.segment import decode_payload
 from tests.support import OutboxDatabase
 
 pytestmark = pytest.mark.anyio
@@ -264,6 +266,23 @@ async def test_a_run_delivered_together_is_not_late(harness: Harness) -> None:
     await harness.claim(now)
     outcome = await harness.delivery.finish("a", record(ids, now, 200, "x"), delivered=ids)
     assert (outcome.delivered, outcome.late) == (2, 0)
+
+
+async def test_a_claim_returns_the_payload_as_stored_text(harness: Harness) -> None:
+    """The claim hands the payload over as the stored JSON text (mapping parses it): every
+    digit of an id beyond 64 bits, floats and non-ASCII text read back as they were stored."""
+    big = 2**64 + 7
+    event = incoming(
+        "user.created", big, 100, T0, extra={"weight": 1.5e-07, "name": "Zoë 😀", "n": None}
+    )
+    await harness.add(event)
+    assert await harness.claim(T0 + timedelta(seconds=6)) == [(f"user:{big}", "user.created")]
+    (row,) = harness.last
+    assert isinstance(row.payload, str)
+    assert json.loads(row.payload) == event.payload
+    decoded, _fast = decode_payload(row.payload)
+    assert decoded == event.payload
+    assert decoded["data"]["id"] == big and type(decoded["data"]["id"]) is int
 
 
 async def test_skipped_rows_are_never_claimed(harness: Harness) -> None:
