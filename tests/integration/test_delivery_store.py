@@ -11,7 +11,13 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from relay import aircall
-from relay.db.delivery import DeadRows, DeliveryStore, RequestRecord, RetryRows
+from relay.db.delivery import (
+    RELEASE_EXPIRED_EVERY,
+    DeadRows,
+    DeliveryStore,
+    RequestRecord,
+    RetryRows,
+)
 from relay.db.engine import create_engine
 from relay.db.store import IncomingEvent, OutboxStore
 from relay.segment import decode_payload
@@ -157,6 +163,22 @@ async def test_an_expired_lease_is_claimed_again_by_another_drainer(harness: Har
     )
     assert outcome.delivered == 0
     assert outcome.lost_lease == 1
+
+
+async def test_expired_leases_are_looked_for_at_most_once_a_second(harness: Harness) -> None:
+    """Finding expired leases reads every row in flight, so a drainer claiming many times a
+    second looks for them once a second (RELEASE_EXPIRED_EVERY): a row whose lease just
+    expired waits for that look, at most a second more than its one-minute lease."""
+    await harness.add(incoming("call.created", 1, 100, T0))
+    first = T0 + timedelta(seconds=6)
+    assert await harness.claim(first, owner="a")
+    expiry = first + LEASE
+    assert timedelta(seconds=1) == RELEASE_EXPIRED_EVERY
+    assert await harness.claim(expiry - timedelta(seconds=0.2), owner="b") == []  # looked
+    assert await harness.claim(expiry + timedelta(seconds=0.3), owner="b") == []  # too soon
+    assert await harness.claim(expiry + timedelta(seconds=0.8), owner="b") == [
+        ("call:1", "call.created")
+    ]
 
 
 async def test_renewal_keeps_the_lease(harness: Harness) -> None:
