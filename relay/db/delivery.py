@@ -20,7 +20,7 @@ import sqlite3
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Generic, NamedTuple, TypeVar, cast
 
 import anyio
@@ -420,16 +420,12 @@ class DeliveryStore:
         self._sqlite_writes: _SqliteWrites | None = None
         self._sqlite_checked = False
         self._released_expired_at: datetime | None = None
-        # Statements run directly on the drainer's own SQLite connection (see `_rows`), by
-        # name; None while writes go through SQLAlchemy's engine.
-        self._direct: dict[str, _Direct] | None = None
 
     async def close(self) -> None:
         """Close the connection the writes opened for themselves, if any (they open it again
         when needed); the engine is the caller's to dispose of."""
         sqlite_writes, self._sqlite_writes = self._sqlite_writes, None
         self._sqlite_checked = False
-        self._direct = None
         if sqlite_writes is not None:
             await sqlite_writes.close()
 
@@ -438,7 +434,6 @@ class DeliveryStore:
         if not self._sqlite_checked:
             self._sqlite_checked = True
             self._sqlite_writes = _SqliteWrites.for_engine(self.engine)
-            self._direct = None if self._sqlite_writes is None else {}
         if self._sqlite_writes is not None:
             return await self._sqlite_writes.run(work)
         async with self._writer.begin() as connection:
@@ -504,15 +499,15 @@ class DeliveryStore:
             if not heads:
                 break
             keys = [row.ordering_key for row in heads]
-            by_key: dict[str, list[tuple[int, bool]]] = {}
+            by_key: dict[str, list[Any]] = {}
             parameters = {"keys": keys, "now": now, "settled_before": settled_before}
-            for row_id, key, ready in self._rows(connection, "pending_of_keys", parameters):
-                by_key.setdefault(key, []).append((row_id, ready))
+            for row in connection.execute(statements.pending_of_keys, parameters):
+                by_key.setdefault(row.ordering_key, []).append(row)
             for key in keys:
-                for taken, (row_id, ready) in enumerate(by_key.get(key, ()), start=1):
-                    if not ready:
+                for taken, row in enumerate(by_key.get(key, ()), start=1):
+                    if not row.ready:
                         break  # an earlier event is not deliverable yet: the rest wait
-                    planned.append(row_id)
+                    planned.append(row.id)
                     if taken >= max_per_key or len(planned) >= max_events:
                         break
                 if len(planned) >= max_events:
@@ -522,35 +517,16 @@ class DeliveryStore:
             after = heads[-1].id
         if not planned:
             return []
-        rows = self._rows(connection, "claimed_rows", {"ids": planned})
-        if self._direct is not None:  # SQLite's own values: the times are text
-            claimed = [_claimed_from_sqlite(row) for row in rows]
-        else:
-            claimed = [ClaimedEvent._make(row) for row in rows]
-        parameters = {"ids": planned, "new_owner": owner, "lease_until": lease_until}
-        self._rows(connection, "claim", parameters, fetch=False)
+        claimed = [
+            ClaimedEvent._make(row)
+            for row in connection.execute(statements.claimed_rows, {"ids": planned})
+        ]
+        connection.execute(
+            statements.claim, {"ids": planned, "new_owner": owner, "lease_until": lease_until}
+        )
         position = {row_id: index for index, row_id in enumerate(planned)}
         claimed.sort(key=lambda event: position[event.id])
         return claimed
-
-    def _rows(
-        self, connection: sa.Connection, name: str, parameters: dict[str, Any], fetch: bool = True
-    ) -> list[Any]:
-        """Run the statement `name` of `_Statements`; its rows as tuples.
-
-        On the drainer's own SQLite connection the statement runs on the sqlite3 connection
-        itself, compiled once (`_Direct`): the claim's statements return one row per event, and
-        SQLAlchemy's execution and row processing took as much CPU as SQLite's own work. The
-        values are then SQLite's (times as text, booleans as 0 or 1). Elsewhere, through
-        SQLAlchemy."""
-        statement = getattr(self._statements, name)
-        if self._direct is None:
-            result = connection.execute(statement, parameters)
-            return [tuple(row) for row in result] if fetch else []
-        direct = self._direct.get(name)
-        if direct is None:
-            direct = self._direct[name] = _Direct(statement, connection.dialect)
-        return direct.run(connection, parameters)
 
     # -- while in flight ---------------------------------------------------------------------
 
@@ -866,64 +842,6 @@ class _SqliteWrites:
 
     async def close(self) -> None:
         await anyio.to_thread.run_sync(self._engine.dispose)
-
-
-class _Direct:
-    """A statement compiled once for the drainer's SQLite connection and run on its sqlite3
-    connection directly, parameters converted by the same bind processors SQLAlchemy uses."""
-
-    __slots__ = ("defaults", "names", "processors", "sql")
-
-    def __init__(self, statement: Any, dialect: Any) -> None:
-        compiled = statement.compile(dialect=dialect)
-        if dialect.paramstyle != "qmark" or compiled.positiontup is None:  # pragma: no cover
-            raise RuntimeError("a direct statement needs SQLite's positional parameters")
-        self.sql: str = compiled.string
-        self.names: tuple[str, ...] = tuple(compiled.positiontup)
-        # The constants the statement carries (statuses, the life-cycle ranks); the rest are
-        # given on each run.
-        self.defaults: dict[str, Any] = {
-            name: bind.effective_value for name, bind in compiled.binds.items() if not bind.required
-        }
-        self.processors: dict[str, Callable[[Any], Any]] = {}
-        for name in set(self.names):
-            processor = compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect)
-            if processor is not None:
-                self.processors[name] = processor
-
-    def run(self, connection: sa.Connection, values: dict[str, Any]) -> list[Any]:
-        merged = {**self.defaults, **values}
-        processors = self.processors
-        parameters = tuple(
-            processors[name](merged[name]) if name in processors else merged[name]
-            for name in self.names
-        )
-        dbapi_connection = cast(sqlite3.Connection, connection.connection.dbapi_connection)
-        return dbapi_connection.execute(self.sql, parameters).fetchall()
-
-
-def _claimed_from_sqlite(row: Any) -> ClaimedEvent:
-    (row_id, message_id, resource, event, resource_id, key, occurred, received, payload, tries) = (
-        row
-    )
-    return ClaimedEvent(
-        row_id,
-        message_id,
-        resource,
-        event,
-        resource_id,
-        key,
-        _stored_time(occurred),
-        _stored_time(received),
-        payload,
-        tries,
-    )
-
-
-def _stored_time(value: str) -> datetime:
-    """A time as SQLite stores it (UTC text), as an aware datetime; what `UtcDateTime` reads."""
-    parsed = datetime.fromisoformat(value)
-    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
 def _heads_wanted(room: int, heads_read: int, events_planned: int) -> int:
