@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from relay.aircall import MESSAGE_ID_PREFIX
 from relay.db.engine import writer
+from relay.db.notify import notify_statement
 from relay.db.tables import delivery_requests, outbox, utc_datetime
 
 REQUEUABLE_STATUSES = ("dead", "skipped", "delivered")
@@ -174,7 +175,8 @@ class OutboxInspector:
         ).bindparams(ids=f"[{int(row_id)}]")
 
     async def requeue(self, where: EventFilter, now: datetime, dry_run: bool) -> int:
-        """Put rows back to `pending`, due now (dead, skipped or delivered rows only)."""
+        """Put rows back to `pending`, due now (dead, skipped or delivered rows only). On
+        PostgreSQL the commit also notifies the drainers (`relay/db/notify.py`)."""
         statuses = where.statuses or ("dead",)
         invalid = set(statuses) - set(REQUEUABLE_STATUSES)
         if invalid:
@@ -210,7 +212,12 @@ class OutboxInspector:
                     + sa.func.coalesce(outbox.c.last_error, ""),
                 )
             )
-            return int(result.rowcount)
+            requeued = int(result.rowcount)
+            if requeued and self.dialect == "postgresql":
+                # Wake the drainers now rather than at their next poll; sent with the commit.
+                sql, parameters = notify_statement(requeued, ready=True)
+                await connection.exec_driver_sql(sql, parameters)
+            return requeued
 
     async def purge(
         self,

@@ -3,7 +3,8 @@ receiver's commit carries, and the listener that tells a drainer about it.
 
 A receiver's group commit that writes new forwarded rows sends one `NOTIFY` in its transaction
 (`notify_statement`, used by `OutboxStore`), so PostgreSQL delivers it only if the commit
-succeeds, and once per commit whatever the number of rows. A drainer listens on a connection of
+succeeds, and once per commit whatever the number of rows; an operator's `outbox requeue` sends
+one too, marked `ready:` (its rows need not settle). A drainer listens on a connection of
 its own (`OutboxListener`, outside the engine's pool, which would hand it back after each use):
 each notification calls the drainer's `on_commit`; the connection is watched (termination
 callback, and a `SELECT 1` every `check_seconds` for a server that vanished without closing
@@ -25,7 +26,10 @@ from relay.settings import normalise_database_url
 log = get_logger("relay.db.notify")
 
 # The channel a commit of new rows is announced on. `LISTEN aircall_relay_outbox;` in psql shows
-# them; the payload is the number of new rows to deliver that the commit holds.
+# them; the payload is the number of new rows to deliver that the commit holds, prefixed with
+# `ready:` when they are deliverable at once (rows an operator requeued, long settled) rather
+# than once settled (new rows from a receiver).
+READY_PREFIX: Final = "ready:"
 CHANNEL: Final = "aircall_relay_outbox"
 # How the listener's connection appears in pg_stat_activity.
 APPLICATION_NAME: Final = "aircall-relay-listen"
@@ -38,9 +42,11 @@ _DIALECT_ONLY_OPTIONS: Final = (
 )
 
 
-def notify_statement(new_rows: int) -> tuple[str, tuple[str, str]]:
-    """SQL and parameters of the NOTIFY announcing `new_rows` new rows (PostgreSQL only)."""
-    return "SELECT pg_notify($1, $2)", (CHANNEL, str(new_rows))
+def notify_statement(new_rows: int, *, ready: bool = False) -> tuple[str, tuple[str, str]]:
+    """SQL and parameters of the NOTIFY announcing `new_rows` rows to deliver (PostgreSQL only);
+    `ready`: deliverable now, not once settled."""
+    payload = f"{READY_PREFIX}{new_rows}" if ready else str(new_rows)
+    return "SELECT pg_notify($1, $2)", (CHANNEL, payload)
 
 
 def listener_for(database_url: str, timeout_seconds: float = 2.0) -> OutboxListener | None:
@@ -96,7 +102,7 @@ class OutboxListener:
         self._connection: Any = None
 
     async def run(
-        self, on_commit: Callable[[], None], on_listening: Callable[[bool], None]
+        self, on_commit: Callable[[str], None], on_listening: Callable[[bool], None]
     ) -> None:
         try:
             await self._run(on_commit, on_listening)
@@ -106,7 +112,7 @@ class OutboxListener:
                 await self._close()
 
     async def _run(
-        self, on_commit: Callable[[], None], on_listening: Callable[[bool], None]
+        self, on_commit: Callable[[str], None], on_listening: Callable[[bool], None]
     ) -> None:
         failures = 0  # consecutive attempts that did not reach LISTEN
         while True:
@@ -154,7 +160,7 @@ class OutboxListener:
             )
             await anyio.sleep(delay)
 
-    async def _listen(self, on_commit: Callable[[], None], lost: anyio.Event) -> None:
+    async def _listen(self, on_commit: Callable[[str], None], lost: anyio.Event) -> None:
         import asyncpg
 
         with anyio.fail_after(self._timeout_seconds * 2):
@@ -165,7 +171,9 @@ class OutboxListener:
             )
             self._connection = connection
             connection.add_termination_listener(lambda _connection: lost.set())
-            await connection.add_listener(self.channel, lambda *_notification: on_commit())
+            await connection.add_listener(
+                self.channel, lambda _connection, _pid, _channel, payload: on_commit(payload)
+            )
         self.server_pid = connection.get_server_pid()
 
     async def _watch(self, lost: anyio.Event) -> str:

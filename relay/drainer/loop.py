@@ -36,6 +36,7 @@ from relay.db.delivery import (
     RequestRecord,
     RetryRows,
 )
+from relay.db.notify import READY_PREFIX
 from relay.drainer.batching import plan_batches
 from relay.drainer.metrics import DrainerMetrics
 from relay.drainer.policy import (
@@ -99,15 +100,16 @@ class Sender(Protocol):
 
 class CommitNotifications(Protocol):
     """Word of the receivers' commits (PostgreSQL's LISTEN: `relay/db/notify.py`). `run` lasts
-    until cancelled, calling `on_commit` when new rows were committed, and `on_listening` with
-    True each time word can arrive again (commits made before were not announced) and False
-    when it no longer can; `listening` says whether it can arrive now."""
+    until cancelled, calling `on_commit` with the notification's payload when rows to deliver
+    were committed (`ready:` first when they need not settle), and `on_listening` with True
+    each time word can arrive again (commits made before were not announced) and False when it
+    no longer can; `listening` says whether it can arrive now."""
 
     @property
     def listening(self) -> bool: ...
 
     async def run(
-        self, on_commit: Callable[[], None], on_listening: Callable[[bool], None]
+        self, on_commit: Callable[[str], None], on_listening: Callable[[bool], None]
     ) -> None: ...
 
     async def close(self) -> None: ...
@@ -713,9 +715,11 @@ class Drainer:
             return self.config.listen_poll_seconds
         return self.config.poll_seconds
 
-    def _on_commit(self) -> None:
-        # New rows were committed just now: they become deliverable once settled.
-        self._wakeups.wake_after(self.config.settle_seconds)
+    def _on_commit(self, payload: str = "") -> None:
+        if payload.startswith(READY_PREFIX):  # requeued by an operator: deliverable now
+            self._wakeups.wake_after(0.0)
+        else:  # new rows were committed just now: they become deliverable once settled
+            self._wakeups.wake_after(self.config.settle_seconds)
 
     def _on_listening(self, listening: bool) -> None:
         # Either way, the idle wait under way was chosen for the other state: look now. Rows

@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
@@ -20,10 +20,12 @@ import asyncpg
 import httpx
 import pytest
 import structlog.testing
+from sqlalchemy import text
 
 from relay.db import DatabaseError
 from relay.db.delivery import DeliveryStore
 from relay.db.engine import create_engine
+from relay.db.inspect import EventFilter, OutboxInspector
 from relay.db.notify import APPLICATION_NAME, CHANNEL, OutboxListener, connect_arguments
 from relay.db.store import IncomingEvent, OutboxStore
 from relay.drainer.loop import Drainer, DrainerConfig
@@ -246,7 +248,9 @@ async def test_the_listener_reconnects_after_its_connection_is_killed(
     states: list[bool] = []
     with structlog.testing.capture_logs() as logs:
         async with anyio.create_task_group() as group:
-            group.start_soon(listener.run, lambda: commits.append(time.monotonic()), states.append)
+            group.start_soon(
+                listener.run, lambda _payload: commits.append(time.monotonic()), states.append
+            )
             await until(lambda: listener.listening, within=5)
             first_pid = listener.server_pid
             await terminate_backend(postgres_database, first_pid)
@@ -291,3 +295,42 @@ async def terminate_backend(database: OutboxDatabase, pid: int | None) -> None:
         assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
     finally:
         await admin.close()
+
+
+async def test_an_operators_requeue_sends_one_notification_counting_the_rows(
+    postgres_database: OutboxDatabase, store: OutboxStore
+) -> None:
+    await store.insert_events([event(1), event(2), event(3)])
+    async with store.engine.begin() as connection:
+        await connection.execute(text("UPDATE outbox SET status = 'dead'"))
+    inspector = OutboxInspector(store.engine)
+    async with listening(postgres_database) as heard:
+        now = datetime.now(UTC)
+        assert await inspector.requeue(EventFilter(), now, dry_run=True) == 3
+        assert await inspector.requeue(EventFilter(ids=(1_000_000,)), now, dry_run=False) == 0
+        assert await heard.settle() == []  # a dry run, or nothing requeued: no notification
+        assert await inspector.requeue(EventFilter(), now, dry_run=False) == 3
+        assert await heard.settle() == ["ready:3"]
+
+
+async def test_a_requeued_row_is_delivered_at_once_not_after_a_settle_window(
+    postgres_database: OutboxDatabase, store: OutboxStore, fake: FakeSegment
+) -> None:
+    """Requeued rows were received long ago: the drainer claims them as soon as it hears of
+    them, neither after a settle window (8 s here) nor at its next poll (30 s)."""
+    long_ago = datetime.now(UTC) - timedelta(minutes=5)
+    body = call_created(601)
+    del body["token"]
+    await store.insert_events([incoming_event(body, long_ago)])
+    async with store.engine.begin() as connection:
+        await connection.execute(text("UPDATE outbox SET status = 'dead'"))
+    listener = OutboxListener(postgres_database.url)
+    async with draining(postgres_database, fake, listener, replace(SLOW_POLL, settle_seconds=8)):
+        await until(lambda: listener.listening, within=5)
+        await anyio.sleep(0.5)  # past the claim that follows the LISTEN
+        assert fake.accepted() == []
+        requeued = time.monotonic()
+        inspector = OutboxInspector(store.engine)
+        assert await inspector.requeue(EventFilter(), datetime.now(UTC), dry_run=False) == 1
+        await until(lambda: len(fake.accepted()) == 1, within=5)
+        assert time.monotonic() - requeued < 2.0
