@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 EXAMPLES = SHARED / "examples" / "aircall"
+# The sample payload files, for parametrized tests (empty without ../shared: a test then checks
+# that all 26 are there, so their absence fails rather than skips).
+SAMPLE_FILES = sorted(EXAMPLES.glob("*.json")) if EXAMPLES.is_dir() else []
 SAMPLE_TOKEN = "7c2e91a04bd35f6e8a1d0c9b47f2e6a3"
 SECOND_TOKEN = "f00dfeedf00dfeedf00dfeedf00dfeed"
 POSTGRES_ADMIN_URL = os.environ.get(

@@ -31,9 +31,8 @@ from relay.segment import (
     to_track_message,
     validate_message,
 )
+from tests.support import SAMPLE_FILES
 
-SAMPLES_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "examples" / "aircall"
-SAMPLE_FILES = sorted(SAMPLES_DIR.glob("*.json")) if SAMPLES_DIR.is_dir() else []
 DEFAULT = MappingOptions()
 HASH_KEY = b"relay-test-hash-key-0123456789ab"
 STDLIB_COMPACT = {"separators": (",", ":"), "ensure_ascii": False}
@@ -156,14 +155,7 @@ def test_nesting_too_deep_for_either_parser_is_refused_like_json_loads() -> None
         json.loads(text)
     with pytest.raises(RecursionError):
         decode_payload(text)
-    event = OutboxEvent(
-        message_id=message_id_for("0" * 64),
-        resource="call",
-        event="call.created",
-        resource_id="1",
-        occurred_at=datetime(2026, 3, 10, tzinfo=UTC),
-        payload=text,
-    )
+    event = stored_call_event(text)
     with pytest.raises(UnsendableEvent) as raised:
         to_track_message(event, DEFAULT)
     assert raised.value.code == "not_json"
@@ -222,6 +214,26 @@ def test_a_lone_surrogate_is_written_by_the_standard_library() -> None:
 
 
 # to_track_message: the stored text against the parsed payload --------------------------------
+
+
+ZERO_MESSAGE_ID = message_id_for("0" * 64)
+
+
+def stored_call_event(
+    payload: str,
+    event_name: str = "call.created",
+    message_id: str = ZERO_MESSAGE_ID,
+    resource_id: str = "1",
+) -> OutboxEvent:
+    """A claimed row of a call event whose stored payload text is `payload`."""
+    return OutboxEvent(
+        message_id=message_id,
+        resource="call",
+        event=event_name,
+        resource_id=resource_id,
+        occurred_at=datetime(2026, 3, 10, tzinfo=UTC),
+        payload=payload,
+    )
 
 
 def event_of(body: dict[str, Any], payload: Any = None) -> OutboxEvent:
@@ -348,14 +360,7 @@ def test_an_id_beyond_64_bits_reaches_segment_with_every_digit() -> None:
     ],
 )
 def test_a_stored_payload_that_cannot_be_sent_is_unsendable(text: str, code: str) -> None:
-    event = OutboxEvent(
-        message_id=message_id_for("0" * 64),
-        resource="call",
-        event="call.created",
-        resource_id="1",
-        occurred_at=datetime(2026, 3, 10, tzinfo=UTC),
-        payload=text,
-    )
+    event = stored_call_event(text)
     with pytest.raises(UnsendableEvent) as raised:
         to_track_message(event, DEFAULT)
     assert raised.value.code == code
@@ -369,14 +374,7 @@ def test_the_checks_skipped_for_a_built_message_agree_with_validate_message(
     event_name: str, message_id: str
 ) -> None:
     body = {"resource": "call", "event": "call.created", "timestamp": 1, "data": {"id": 7}}
-    event = OutboxEvent(
-        message_id=message_id,
-        resource="call",
-        event=event_name,
-        resource_id="7",
-        occurred_at=datetime(2026, 3, 10, tzinfo=UTC),
-        payload=json.dumps(body),
-    )
+    event = stored_call_event(json.dumps(body), event_name, message_id, resource_id="7")
     result = mapped(event, DEFAULT)
     if isinstance(result, TrackMessage):
         assert validate_message(result.message) == []

@@ -38,9 +38,9 @@ from relay.segment import (
     validate_message,
 )
 from relay.snakecase import flattened_columns, is_reserved_column, snakecase
+from tests.support import EXAMPLES, SAMPLE_FILES
 
-SAMPLES_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "examples" / "aircall"
-SAMPLE_FILES = sorted(SAMPLES_DIR.glob("*.json")) if SAMPLES_DIR.is_dir() else []
+SAMPLES_DIR = EXAMPLES
 DOCS_MAPPING = Path(__file__).resolve().parents[2] / "docs" / "mapping.md"
 DEFAULT = MappingOptions()
 HASH_KEY = b"relay-test-hash-key-0123456789ab"
