@@ -33,7 +33,7 @@ from sqlalchemy.sql import operators as sa_operators
 
 from relay.aircall import CALL_LIFECYCLE, OTHER_EVENTS_RANK
 from relay.db.engine import sqlite_writer_connector, writer
-from relay.db.tables import delivery_requests, outbox, utc_datetime
+from relay.db.tables import delivery_requests, is_call_hungup, outbox, utc_datetime
 
 Result = TypeVar("Result")
 
@@ -690,7 +690,7 @@ class DeliveryStore:
         statement = (
             sa.select(outbox.c.ordering_key, sa.func.min(outbox.c.received_at).label("received_at"))
             .where(
-                outbox.c.event == "call.hungup",
+                is_call_hungup(outbox),
                 outbox.c.received_at < received_before,
                 ~sa.exists(
                     sa.select(sa.literal_column("1")).where(

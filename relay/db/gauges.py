@@ -15,7 +15,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from relay.db.tables import outbox, utc_datetime
+from relay.db.tables import is_call_hungup, outbox, utc_datetime
 
 # The statuses the gauges count (delivered and skipped only grow, and the SQL answers them).
 GAUGE_STATUSES = ("pending", "delivering", "dead")
@@ -43,7 +43,7 @@ async def read_outbox_gauges(engine: AsyncEngine, awaiting_before: datetime) -> 
     ).where(outbox.c.status.in_(GAUGE_STATUSES))
     ended = outbox.alias("ended")
     awaiting = sa.select(sa.func.count(sa.distinct(outbox.c.ordering_key))).where(
-        outbox.c.event == "call.hungup",
+        is_call_hungup(outbox),
         outbox.c.received_at < awaiting_before,
         ~sa.exists().where(
             ended.c.ordering_key == outbox.c.ordering_key, ended.c.event == "call.ended"

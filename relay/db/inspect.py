@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from relay.aircall import MESSAGE_ID_PREFIX
 from relay.db.engine import writer
 from relay.db.notify import notify_statement
-from relay.db.tables import delivery_requests, outbox, utc_datetime
+from relay.db.tables import delivery_requests, is_call_hungup, outbox, utc_datetime
 
 REQUEUABLE_STATUSES = ("dead", "skipped", "delivered")
 PURGEABLE_STATUSES = ("delivered", "skipped", "dead")
@@ -108,7 +108,7 @@ class OutboxInspector:
             result.calls_awaiting_call_ended = int(
                 await connection.scalar(
                     sa.select(sa.func.count(sa.distinct(outbox.c.ordering_key))).where(
-                        outbox.c.event == "call.hungup",
+                        is_call_hungup(outbox),
                         outbox.c.received_at < awaiting_since,
                         ~sa.exists().where(
                             ended.c.ordering_key == outbox.c.ordering_key,

@@ -58,6 +58,17 @@ def utc_datetime(value: datetime | str) -> datetime:
     return value.astimezone(UTC)
 
 
+# The partial index's condition, as a literal: SQLite and PostgreSQL use a partial index only for
+# a query whose own condition is this same literal term (a bound parameter would not do).
+CALL_HUNGUP = sa.text("event = 'call.hungup'")
+
+
+def is_call_hungup(table: Any) -> Any:
+    """SQL: the row of `table` (the outbox or an alias of it) is a `call.hungup`, spelled so that
+    `ix_outbox_call_hungup_received_at` applies."""
+    return table.c.event == sa.literal_column("'call.hungup'", sa.String())
+
+
 # SQLite only makes INTEGER PRIMARY KEY the rowid (and AUTOINCREMENT never reuses an id, so the
 # receipt id stays a true order of receipt even after a purge); PostgreSQL gets a BIGINT identity.
 Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
@@ -95,9 +106,16 @@ outbox = sa.Table(
         "status IN ('pending', 'delivering', 'delivered', 'dead', 'skipped')", name="status"
     ),
     sa.CheckConstraint("received_count >= 1", name="received_count"),
-    sa.Index("ix_outbox_status_next_attempt_at", "status", "next_attempt_at"),
-    sa.Index("ix_outbox_ordering_key_occurred_at", "ordering_key", "occurred_at"),
-    sa.Index("ix_outbox_event_received_at", "event", "received_at"),
+    # Hung-up calls by key, with their receipt: the search for calls still awaiting
+    # `call.ended` (drainer, gauges, the view) reads only this, for `call.hungup` rows only
+    # (migration 0005; queries must spell the event as this literal for the index to apply).
+    sa.Index(
+        "ix_outbox_call_hungup_received_at",
+        "ordering_key",
+        "received_at",
+        sqlite_where=CALL_HUNGUP,
+        postgresql_where=CALL_HUNGUP,
+    ),
     # The drainer's (migration 0003). Pending rows in order of receipt, so that a claim reads
     # the first heads of keys without sorting the whole backlog:
     sa.Index("ix_outbox_status_id", "status", "id"),

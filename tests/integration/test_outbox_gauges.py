@@ -73,3 +73,35 @@ async def test_counts_the_oldest_undelivered_and_calls_awaiting_call_ended(
         oldest_undelivered_received_at=NOW - timedelta(minutes=15),  # call 2's call.hungup
         calls_awaiting_call_ended=1,
     )
+
+
+async def test_the_searches_for_hung_up_calls_read_the_partial_index(
+    sqlite_database: OutboxDatabase,
+) -> None:
+    """The gauges and the drainer's check find `call.hungup` rows through
+    `ix_outbox_call_hungup_received_at` (migration 0005), which SQLite uses only when the query
+    spells the event as the index's own literal: a bound parameter would scan the outbox."""
+    from relay.db.delivery import DeliveryStore
+
+    engine = create_engine(sqlite_database.url)
+    searches: list[tuple[str, object]] = []
+
+    def capture(_conn: object, _cursor: object, statement: str, parameters: object, *_: object):
+        if "hungup" in statement:
+            searches.append((statement, parameters))
+
+    sa.event.listen(engine.sync_engine, "before_cursor_execute", capture)
+    try:
+        await read_outbox_gauges(engine, awaiting_before=NOW)
+        await DeliveryStore(engine).calls_awaiting_ended(NOW)
+        sa.event.remove(engine.sync_engine, "before_cursor_execute", capture)
+        assert len(searches) == 2
+        async with engine.connect() as connection:
+            for statement, parameters in searches:
+                plan = await connection.exec_driver_sql(
+                    "EXPLAIN QUERY PLAN " + statement, parameters
+                )
+                details = " | ".join(row[-1] for row in plan)
+                assert "ix_outbox_call_hungup_received_at" in details, details
+    finally:
+        await engine.dispose()

@@ -119,7 +119,6 @@ def test_0004_drops_the_message_id_index_and_keeps_rows_views_and_ids(
         url,
         _outbox_row("d" * 64).replace("'aircall-" + "d" * 64, "'aircall-" + "a" * 64),
     )
-    command.check(alembic_config(url))
 
     _execute(url, "DELETE FROM outbox WHERE dedup_key = '" + "d" * 64 + "'")
     command.downgrade(alembic_config(url), "0003")
@@ -129,3 +128,40 @@ def test_0004_drops_the_message_id_index_and_keeps_rows_views_and_ids(
             url,
             _outbox_row("e" * 64).replace("'aircall-" + "e" * 64, "'aircall-" + "a" * 64),
         )
+
+
+def _outbox_indexes(url: str) -> set[str]:
+    if url.startswith("sqlite"):
+        sql = "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'outbox'"
+    else:
+        sql = "SELECT indexname AS name FROM pg_indexes WHERE tablename = 'outbox'"
+    return {row["name"] for row in fetch_all(url, sql)}
+
+
+def test_0005_swaps_the_event_index_for_a_partial_one_and_keeps_rows(
+    empty_database_url: str,
+) -> None:
+    url = empty_database_url
+    command.upgrade(alembic_config(url), "0004")
+    _execute(url, _outbox_row("a" * 64))
+    dropped = {
+        "ix_outbox_ordering_key_occurred_at",
+        "ix_outbox_status_next_attempt_at",
+        "ix_outbox_event_received_at",
+    }
+    assert dropped <= _outbox_indexes(url)
+
+    command.upgrade(alembic_config(url), "0005")
+
+    indexes = _outbox_indexes(url)
+    assert not dropped & indexes
+    assert "ix_outbox_call_hungup_received_at" in indexes
+    assert [row["dedup_key"] for row in fetch_all(url, "SELECT dedup_key FROM outbox")] == [
+        "a" * 64
+    ]
+    assert [row["call_id"] for row in fetch_all(url, "SELECT * FROM calls_awaiting_call_ended")]
+
+    command.downgrade(alembic_config(url), "0004")
+    indexes = _outbox_indexes(url)
+    assert dropped <= indexes
+    assert "ix_outbox_call_hungup_received_at" not in indexes
