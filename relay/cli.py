@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import functools
 import json
 import os
@@ -265,14 +264,27 @@ def command_run(args: argparse.Namespace) -> int:
         # the same loop as a task of its own. A drainer that fails stops the receiver too.
         stop = anyio.Event()
         loop = asyncio.get_running_loop()
-        drain_task = asyncio.create_task(drainer.run(stop), name="drainer")
+        # The drainer and retention are stopped through cancel scopes, not `Task.cancel()`,
+        # which would abandon their database work under way (`relay.db.engine.not_abandoned`).
+        drain_scope = anyio.CancelScope()
+        retention_scope = anyio.CancelScope()
+
+        async def drain() -> None:
+            with drain_scope:
+                await drainer.run(stop)
+
+        async def retain() -> None:
+            with retention_scope:
+                await retention_task(settings, drainer)()
+
+        drain_task = asyncio.create_task(drain(), name="drainer")
         drain_task.add_done_callback(lambda _: stop.set())
-        retention = asyncio.create_task(retention_task(settings, drainer)(), name="retention")
+        retention = asyncio.create_task(retain(), name="retention")
 
         def on_signal(signum: int) -> None:
             if stop.is_set():
                 log.warning("stopping_now", signal=signal.Signals(signum).name)
-                drain_task.cancel()
+                drain_scope.cancel()
             else:
                 log.info("stopping", signal=signal.Signals(signum).name)
             stop.set()
@@ -282,12 +294,11 @@ def command_run(args: argparse.Namespace) -> int:
         try:
             await serve_in_process(app, settings, stop.wait)
             stop.set()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait_for(drain_task, settings.shutdown_grace_seconds + 5)
+            drain_scope.deadline = anyio.current_time() + settings.shutdown_grace_seconds + 5
+            await drain_task
         finally:
-            retention.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await retention
+            retention_scope.cancel()
+            await retention
             await close_drainer(drainer)
 
     asyncio.run(main())

@@ -32,7 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql import operators as sa_operators
 
 from relay.aircall import CALL_LIFECYCLE, OTHER_EVENTS_RANK
-from relay.db.engine import sqlite_writer_connector, writer
+from relay.db.engine import not_abandoned, sqlite_writer_connector, writer
 from relay.db.tables import delivery_requests, is_call_hungup, outbox, utc_datetime
 
 Result = TypeVar("Result")
@@ -436,8 +436,10 @@ class DeliveryStore:
             self._sqlite_writes = _SqliteWrites.for_engine(self.engine)
         if self._sqlite_writes is not None:
             return await self._sqlite_writes.run(work)
-        async with self._writer.begin() as connection:
-            return await connection.run_sync(work)
+        with not_abandoned(self.engine):  # as in the worker thread: it runs to its end
+            async with self._writer.begin() as connection:
+                result = await connection.run_sync(work)
+        return result
 
     # -- claiming ----------------------------------------------------------------------------
 
@@ -702,15 +704,16 @@ class DeliveryStore:
             .group_by(outbox.c.ordering_key)
             .order_by(sa.func.min(outbox.c.received_at))
         )
-        async with self.engine.connect() as connection:
-            rows = await connection.execute(statement)
-            return [
-                AwaitingCallEnded(
-                    ordering_key=row.ordering_key,
-                    hungup_received_at=_as_datetime(row.received_at),
-                )
-                for row in rows
-            ]
+        with not_abandoned(self.engine):  # a stop waits for the answer (milliseconds)
+            async with self.engine.connect() as connection:
+                rows = (await connection.execute(statement)).all()
+        return [
+            AwaitingCallEnded(
+                ordering_key=row.ordering_key,
+                hungup_received_at=_as_datetime(row.received_at),
+            )
+            for row in rows
+        ]
 
     async def backlog(self) -> Backlog:
         statement = sa.select(
@@ -721,8 +724,9 @@ class DeliveryStore:
             .filter(outbox.c.status.in_(("pending", "delivering")))
             .label("oldest"),
         ).where(outbox.c.status.in_(("pending", "delivering", "dead")))
-        async with self.engine.connect() as connection:
-            row = (await connection.execute(statement)).one()
+        with not_abandoned(self.engine):
+            async with self.engine.connect() as connection:
+                row = (await connection.execute(statement)).one()
         return Backlog(
             pending=int(row.pending),
             delivering=int(row.delivering),
@@ -735,8 +739,9 @@ class DeliveryStore:
         statement = sa.select(
             sa.func.min(outbox.c.received_at), sa.func.min(outbox.c.next_attempt_at)
         ).where(outbox.c.status == "pending")
-        async with self.engine.connect() as connection:
-            row = (await connection.execute(statement)).one()
+        with not_abandoned(self.engine):
+            async with self.engine.connect() as connection:
+                row = (await connection.execute(statement)).one()
         received, retry = row
         return (
             None if received is None else _as_datetime(received),

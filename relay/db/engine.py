@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -135,6 +136,22 @@ def _create_postgresql_engine(url: str, timeout_seconds: float, pool_size: int) 
             },
         },
     )
+
+
+def not_abandoned(engine: AsyncEngine) -> anyio.CancelScope:
+    """A scope for work on `engine` (a query, or one short transaction) that must not be
+    abandoned halfway on SQLite: cancelling its task (a drainer stopping) takes effect once the
+    work is over. Elsewhere (asyncpg, which cancels a query cleanly) it changes nothing.
+
+    On SQLite, a statement abandoned while aiosqlite's thread runs it makes SQLAlchemy close the
+    connection from a task of its own, which waits for the statement to end. If the event loop
+    shuts down before it has (a process exiting just after its stop), `asyncio.run` cancels
+    that task; aiosqlite's `close()` then waits for a second stop request that its thread, gone
+    after the first, never answers, and `asyncio.run` waits for the task forever: the process
+    hangs at exit, its work done. Only anyio cancellation is held off (a cancel scope's, not
+    `Task.cancel()`), so tasks doing such work are stopped through cancel scopes.
+    """
+    return anyio.CancelScope(shield=engine.dialect.name == "sqlite")
 
 
 def writer(engine: AsyncEngine) -> AsyncEngine:

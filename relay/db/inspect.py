@@ -7,16 +7,17 @@ drainer never wait long for the write lock while a large purge runs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import anyio
+import anyio.lowlevel
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from relay.aircall import MESSAGE_ID_PREFIX
-from relay.db.engine import writer
+from relay.db.engine import not_abandoned, writer
 from relay.db.notify import notify_statement
 from relay.db.tables import delivery_requests, is_call_hungup, outbox, utc_datetime
 
@@ -235,45 +236,40 @@ class OutboxInspector:
         age = outbox.c.delivered_at if status == "delivered" else outbox.c.received_at
         condition = sa.and_(outbox.c.status == status, age < older_than)
         if dry_run:
-            async with self.engine.connect() as connection:
-                count = await connection.scalar(
-                    sa.select(sa.func.count()).select_from(outbox).where(condition)
-                )
-                return int(count or 0)
-        deleted = 0
-        while True:
-            async with self._writer.begin() as connection:
-                ids = list(
-                    await connection.scalars(
-                        sa.select(outbox.c.id)
-                        .where(condition)
-                        .order_by(outbox.c.id)
-                        .limit(batch_size)
+            with not_abandoned(self.engine):
+                async with self.engine.connect() as connection:
+                    count = await connection.scalar(
+                        sa.select(sa.func.count()).select_from(outbox).where(condition)
                     )
-                )
-                if not ids:
-                    break
-                await connection.execute(sa.delete(outbox).where(outbox.c.id.in_(ids)))
-                deleted += len(ids)
+            return int(count or 0)
+        select_rows = (
+            sa.select(outbox.c.id).where(condition).order_by(outbox.c.id).limit(batch_size)
+        )
+        deleted = 0
+        while count := await self._delete_batch(select_rows, outbox.c.id):
+            deleted += count
         if status == "delivered":
-            await self._purge_requests(older_than, batch_size)
+            select_requests = (
+                sa.select(delivery_requests.c.id)
+                .where(
+                    delivery_requests.c.started_at < older_than,
+                    delivery_requests.c.outcome != "rejected",
+                )
+                .limit(batch_size)
+            )
+            while await self._delete_batch(select_requests, delivery_requests.c.id):
+                pass
         return deleted
 
-    async def _purge_requests(self, older_than: datetime, batch_size: int) -> None:
-        while True:
+    async def _delete_batch(self, select_ids: Any, id_column: Any) -> int:
+        """One batch of a purge, in a transaction of its own: the rows whose ids `select_ids`
+        reads are deleted; returns how many. A purge that is cancelled (the drainer stopping
+        while retention runs) stops between two batches: the batch in hand runs to its end
+        (`not_abandoned`)."""
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        with not_abandoned(self.engine):
             async with self._writer.begin() as connection:
-                ids: Sequence[str] = list(
-                    await connection.scalars(
-                        sa.select(delivery_requests.c.id)
-                        .where(
-                            delivery_requests.c.started_at < older_than,
-                            delivery_requests.c.outcome != "rejected",
-                        )
-                        .limit(batch_size)
-                    )
-                )
-                if not ids:
-                    return
-                await connection.execute(
-                    sa.delete(delivery_requests).where(delivery_requests.c.id.in_(ids))
-                )
+                ids = list(await connection.scalars(select_ids))
+                if ids:
+                    await connection.execute(sa.delete(id_column.table).where(id_column.in_(ids)))
+        return len(ids)

@@ -69,7 +69,6 @@ CONFIGURATION_RETRY_SECONDS = 60.0
 # Batches claimed ahead of the request slots, ready to go when one frees.
 LOOKAHEAD_BATCHES = 2
 CALL_ENDED_CHECK_SECONDS = 30.0
-CALL_ENDED_CHECK_MAX_SECONDS = 10.0
 NO_WRITE_KEY_REMINDER_SECONDS = 300.0
 
 
@@ -754,12 +753,9 @@ class Drainer:
     async def _watch_calls_awaiting_ended_forever(self) -> None:
         while True:
             try:
-                # Not cancelled mid-query when the drainer stops (it waits for the answer, a few
-                # milliseconds): a query on the engine's aiosqlite connection abandoned while
-                # the engine is disposed of could leave the process waiting for it at exit.
-                with anyio.CancelScope(shield=True) as scope:
-                    scope.deadline = anyio.current_time() + CALL_ENDED_CHECK_MAX_SECONDS
-                    await self.check_calls_awaiting_ended()
+                # A stop waits for a check under way (its query is not abandoned: see
+                # `relay.db.engine.not_abandoned`).
+                await self.check_calls_awaiting_ended()
             except Exception as error:
                 log.warning("call_ended_check_failed", error=f"{type(error).__name__}: {error}")
             await anyio.sleep(self.config.call_ended_check_seconds)

@@ -1,7 +1,8 @@
 """The drainer as a real process (`aircall-relay drain`, and `run`) against the fake Segment:
 SIGKILL at random moments loses nothing, re-sends only with the same `messageId`s and keeps each
-call's order; SIGTERM exits 0 within the grace period with no re-sends; and the small contracts
-of the commands (no write key, `--once`, `run` with and without a write key).
+call's order; SIGTERM exits 0 within the grace period with no re-sends, also while retention
+purges; and the small contracts of the commands (no write key, `--once`, `run` with and without
+a write key).
 
 The fake runs in a thread of this process (`FakeSegment`); the drainer is a separate process
 that reaches it over HTTP on loopback and shares only the database with this test.
@@ -10,10 +11,13 @@ that reaches it over HTTP on loopback and shares only the database with this tes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import random
 import signal
+import sqlite3
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +28,7 @@ import httpx
 import pytest
 
 from relay import aircall
-from relay.db.engine import create_engine
+from relay.db.engine import create_engine, sqlite_path
 from relay.db.store import OutboxStore
 from relay.testing import ChaosEntry, FakeSegment, Fault, SourceConfig
 from tests.acceptance.processes import (
@@ -349,6 +353,67 @@ def test_sigterm_past_the_grace_period_releases_the_rows_of_abandoned_requests(
     assert code == 0, drainer.tail()
     left = statuses(sqlite_database)
     assert "delivering" not in left, f"rows still under the dead drainer's lease: {left}"
+
+
+# Work done by a trigger each time a purge deletes the last row of a batch of 1,000 (ids are
+# consecutive): a three-way join of this many rows, about a second, stands for a batch that takes
+# long (a slow disk, a large outbox). 280**3 = 22 million rows counted.
+SLOW_BATCH_JOIN_ROWS = 280
+
+
+def _slow_purge_batches(database: OutboxDatabase) -> None:
+    """Make every delivered row purgeable (delivered long ago) and each batch of 1,000 that a
+    purge deletes take about a second."""
+    path = sqlite_path(database.url)
+    assert path is not None
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as connection:
+        connection.execute(
+            "UPDATE outbox SET status = 'delivered', attempts = 1, next_attempt_at = NULL, "
+            "delivered_at = '2000-01-01 00:00:00.000000'"
+        )
+        connection.execute("CREATE TABLE slow_batch (x INTEGER NOT NULL)")
+        connection.executemany(
+            "INSERT INTO slow_batch VALUES (?)", [(n,) for n in range(SLOW_BATCH_JOIN_ROWS)]
+        )
+        connection.execute(
+            "CREATE TRIGGER slow_purge_batch AFTER DELETE ON outbox WHEN OLD.id % 1000 = 0 "
+            "BEGIN SELECT count(*) FROM slow_batch a, slow_batch b, slow_batch c "
+            "WHERE a.x + b.x + c.x >= 0; END"
+        )
+
+
+def test_sigterm_during_a_retention_purge_stops_it_after_the_batch_in_hand_and_exits_zero(
+    sqlite_database: OutboxDatabase, fake: FakeSegment
+) -> None:
+    """SIGTERM while retention deletes a batch: the batch runs to its end, the purge stops
+    there, and the drainer exits 0.
+
+    The batch's transaction used to be abandoned halfway (its task cancelled while aiosqlite's
+    thread ran the DELETE): SQLAlchemy then closed that connection from a task of its own,
+    which waited for the DELETE, and when the process ended first `asyncio.run` waited for that
+    task forever. The drainer logged `drainer_stopped` and never exited."""
+    total = 2500  # three batches: two slow ones (ids 1,000 and 2,000), then 500 rows
+    fill_outbox(sqlite_database, build_backlog(total, first_call=6_400_000_000, seed=17).bodies)
+    _slow_purge_batches(sqlite_database)
+    env = drainer_env(sqlite_database, fake, retention_delivered_days="1")
+    drainer = RelayProcess("drain", env=env)
+    try:
+        drainer.wait_for_log("drainer_started")
+        time.sleep(0.5)  # retention began at start: its first batch is under way
+        drainer.signal(signal.SIGTERM)
+        try:
+            code = drainer.wait(20)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running 20 s after SIGTERM:\n{drainer.tail()}")
+    finally:
+        drainer.stop()
+    assert code == 0, f"exit {code} after SIGTERM:\n{drainer.tail()}"
+    events = [record.get("event") for record in drainer.records()]
+    assert "drainer_stopped" in events, drainer.tail()
+    assert "retention_purge" not in events, "the purge was over before SIGTERM"
+    # The stop came between two batches: whole batches were deleted, the rest is kept.
+    assert sqlite_database.count() in (total - 1000, total - 2000), drainer.tail()
+    assert fake.requests(include_bodies=False) == []
 
 
 # --- the commands' small contracts ------------------------------------------------------------
