@@ -10,6 +10,9 @@ compared in one run, on the same rows, interleaved round by round:
 - `0003, as the receiver writes`: the schema before migration 0004 (a unique index on
   `message_id` too), written as the receiver does (`OutboxStore`'s `_SqliteBatchWriter`:
   `executemany` of the one-row upsert, then one `SELECT ... IN` of the batch's outcomes);
+- `0004, as the receiver writes`: the same before migration 0005 (three more indexes:
+  `ix_outbox_ordering_key_occurred_at`, `ix_outbox_status_next_attempt_at` and the whole
+  `ix_outbox_event_received_at`, where 0005 has a partial index on `call.hungup` rows);
 - `head, as the receiver writes`: the same on the current schema;
 - `head, one INSERT`: one multi-row `INSERT ... VALUES (...), (...)` for the whole batch instead
   of `executemany`, tried and not kept (see docs/performance.md);
@@ -222,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         variants = [
             Variant("0003", "as the receiver writes", directory),
+            Variant("0004", "as the receiver writes", directory),
             Variant("head", "as the receiver writes", directory),
             Variant("head", "one INSERT", directory),
             Variant("head", "packed SELECT", directory),
