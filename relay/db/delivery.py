@@ -33,6 +33,7 @@ from sqlalchemy.sql import operators as sa_operators
 
 from relay.aircall import CALL_LIFECYCLE, OTHER_EVENTS_RANK
 from relay.db.engine import not_abandoned, sqlite_writer_connector, writer
+from relay.db.notify import notify_statement
 from relay.db.tables import delivery_requests, is_call_hungup, outbox, utc_datetime
 
 Result = TypeVar("Result")
@@ -542,13 +543,21 @@ class DeliveryStore:
 
         return await self._write(work)
 
-    async def release(self, owner: str, ids: Sequence[int]) -> int:
-        """Give rows back untouched (not sent): shutdown, pause, or a key run cut short."""
+    async def release(self, owner: str, ids: Sequence[int], *, announce: bool = False) -> int:
+        """Give rows back untouched (not sent): shutdown, pause, or a key run cut short.
+
+        `announce` (a drainer stopping): on PostgreSQL the transaction also notifies the other
+        drainers that the rows are deliverable now (`ready:<count>`, `relay/db/notify.py`), so
+        that one of them takes them at once rather than at its next poll."""
         if not ids:
             return 0
 
         def work(connection: sa.Connection) -> int:
-            return self._update_held(connection, self._statements.release, owner, ids, {})
+            released = self._update_held(connection, self._statements.release, owner, ids, {})
+            if announce and released and self.dialect == "postgresql":
+                sql, parameters = notify_statement(released, ready=True)
+                connection.exec_driver_sql(sql, parameters)
+            return released
 
         return await self._write(work)
 

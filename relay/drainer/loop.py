@@ -288,7 +288,9 @@ class Drainer:
             with anyio.CancelScope(shield=True):
                 held = self._held.all_ids()
                 if held:
-                    self.summary.released += await self.store.release(self.owner, held)
+                    self.summary.released += await self.store.release(
+                        self.owner, held, announce=True
+                    )
                     self._held.batches.clear()
         log.info("drainer_stopped", owner=self.owner, **self.summary.__dict__)
         return self.summary
@@ -440,7 +442,7 @@ class Drainer:
                 if slot_reserved and self._stopping:
                     # Claimed ahead of a slot and not sent before the stop: given back.
                     ids = [item.row.id for item in items]
-                    self.summary.released += await self._release(ids)
+                    self.summary.released += await self._release(ids, announce=True)
                     return False
                 await self._respect_rate_limits(len(items))
                 started = self.clock()
@@ -637,8 +639,10 @@ class Drainer:
             self._wakeups.wake_after((retry.next_attempt_at - self.clock()).total_seconds())
         return outcome
 
-    async def _release(self, ids: Sequence[int]) -> int:
-        return await self._retrying("release", lambda: self.store.release(self.owner, ids))
+    async def _release(self, ids: Sequence[int], announce: bool = False) -> int:
+        return await self._retrying(
+            "release", lambda: self.store.release(self.owner, ids, announce=announce)
+        )
 
     def _request_slots(self) -> anyio.CapacityLimiter:
         """The limiter of requests in flight, sized to the current concurrency (which 429s

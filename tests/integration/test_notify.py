@@ -31,7 +31,7 @@ from relay.db.store import IncomingEvent, OutboxStore
 from relay.drainer.loop import Drainer, DrainerConfig
 from relay.drainer.sender import SegmentSender
 from relay.segment import MappingOptions
-from relay.testing import FakeSegment, SourceConfig
+from relay.testing import FakeSegment, Fault, SourceConfig
 from tests.conftest import make_settings
 from tests.support import OutboxDatabase, incoming_event, running_receiver, sample
 
@@ -334,3 +334,60 @@ async def test_a_requeued_row_is_delivered_at_once_not_after_a_settle_window(
         assert await inspector.requeue(EventFilter(), datetime.now(UTC), dry_run=False) == 1
         await until(lambda: len(fake.accepted()) == 1, within=5)
         assert time.monotonic() - requeued < 2.0
+
+
+async def test_rows_a_stopping_drainer_gives_back_are_announced_ready(
+    postgres_database: OutboxDatabase, store: OutboxStore
+) -> None:
+    """A drainer that stops gives back the rows it holds and says so (`ready:<n>`), so another
+    drainer takes them at once instead of at its next poll; other releases stay silent."""
+    await store.insert_events([event(1), event(2), event(3)])
+    delivery = DeliveryStore(store.engine)
+    later = datetime.now(UTC) + timedelta(seconds=5)
+    claimed = await delivery.claim(
+        "stopping", later, later, later + timedelta(minutes=1), max_events=10, max_per_key=10
+    )
+    ids = [row.id for row in claimed]
+    assert len(ids) == 3
+    async with listening(postgres_database) as heard:
+        assert await delivery.release("stopping", ids[:1]) == 1
+        assert await delivery.release("someone else", ids[1:], announce=True) == 0
+        assert await heard.settle() == []  # not announced, or nothing released
+        assert await delivery.release("stopping", ids[1:], announce=True) == 2
+        assert await heard.settle() == ["ready:2"]
+
+
+async def test_a_stopping_drainers_rows_go_to_another_drainer_at_once(
+    postgres_database: OutboxDatabase, store: OutboxStore, fake: FakeSegment
+) -> None:
+    """Drainer A's request hangs; A stops (grace period 0.5 s) and gives the row back; drainer
+    B, which polls only every 30 s, hears of it and delivers it at once."""
+    body = call_created(701)
+    del body["token"]
+    await store.insert_events([incoming_event(body, datetime.now(UTC) - timedelta(minutes=5))])
+    fake.inject(Fault.hang())  # the first request hangs until its client goes away
+    stop_a = anyio.Event()
+
+    async def drainer_a() -> None:
+        config = replace(SLOW_POLL, shutdown_grace_seconds=0.5)
+        async with draining(postgres_database, fake, None, config):
+            await stop_a.wait()
+
+    async def held_by_a() -> bool:
+        [row] = await postgres_database.rows_async("SELECT status FROM outbox")
+        return bool(row["status"] == "delivering")
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(drainer_a)
+        with anyio.fail_after(5):
+            while not await held_by_a():
+                await anyio.sleep(0.05)
+        listener = OutboxListener(postgres_database.url)
+        async with draining(postgres_database, fake, listener):
+            await until(lambda: listener.listening, within=5)
+            await anyio.sleep(0.5)  # past the claim that follows the LISTEN: A holds the row
+            assert fake.accepted() == []
+            stopped = time.monotonic()
+            stop_a.set()
+            await until(lambda: len(fake.accepted()) == 1, within=10)
+            assert time.monotonic() - stopped < 3.0  # the grace period, then one claim
