@@ -6,21 +6,31 @@ is rendered after this one (`include`).
 
 Event names are labels only for events Aircall is known to send; anything else is counted as
 `other`, so a stream of invented event names cannot blow up the number of series.
+
+With several workers (`RELAY_WORKERS`), each a process of its own, a scrape reaches one of them:
+`serve` then runs them in prometheus-client's multiprocess mode (`PROMETHEUS_MULTIPROC_DIR`, set
+before they start, so that their counters and histograms live in shared files), and `render`
+sums every worker's values, so the counters seen do not depend on which worker answers.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from relay.aircall import KNOWN_EVENTS
 from relay.db.gauges import GAUGE_STATUSES, OutboxGauges
+
+# prometheus-client's own variable: read when it is imported, so set before a worker starts.
+MULTIPROCESS_METRICS_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class OutboxCollector(Collector):
@@ -114,6 +124,15 @@ class ReceiverMetrics:
         )
         self.outbox = OutboxCollector()
         self.registry.register(self.outbox)
+        # What a scrape renders: this registry, or, among several workers, every worker's
+        # counters and histograms summed (from the shared files) and this worker's outbox
+        # gauges (read from the database, the same whichever worker reads them).
+        self._rendered = self.registry
+        shared = os.environ.get(MULTIPROCESS_METRICS_ENV)
+        if shared:
+            self._rendered = CollectorRegistry()
+            MultiProcessCollector(self._rendered, path=shared)  # type: ignore[no-untyped-call]
+            self._rendered.register(self.outbox)
         # Other registries rendered after this one (`run`: the drainer's, in the same process).
         self._included: list[CollectorRegistry] = []
 
@@ -143,5 +162,6 @@ class ReceiverMetrics:
         self._included.append(registry)
 
     def render(self) -> tuple[bytes, str]:
-        text = b"".join(generate_latest(registry) for registry in [self.registry, *self._included])
+        registries = [self._rendered, *self._included]
+        text = b"".join(generate_latest(registry) for registry in registries)
         return text, CONTENT_TYPE_LATEST

@@ -9,7 +9,10 @@ and forwards the signals.
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import socket
+import tempfile
 from collections.abc import Awaitable, Callable
 
 from hypercorn.asyncio import serve as hypercorn_serve
@@ -18,6 +21,7 @@ from hypercorn.run import run as hypercorn_run
 from quart import Quart
 
 from relay.logs import get_logger
+from relay.receiver.metrics import MULTIPROCESS_METRICS_ENV
 from relay.settings import Settings, SettingsError
 
 log = get_logger("relay.receiver")
@@ -94,13 +98,24 @@ async def serve_in_process(
 
 
 def serve_with_workers(settings: Settings) -> int:
-    """Several worker processes, each with its own app built from the environment."""
+    """Several worker processes, each with its own app built from the environment.
+
+    Their metrics are shared through prometheus-client's multiprocess mode: each worker keeps
+    its counters and histograms in files of a directory made for this run (its path in
+    `PROMETHEUS_MULTIPROC_DIR`, which the spawned workers inherit), and whichever worker
+    answers `GET /metrics` sums them all (`ReceiverMetrics.render`). The directory goes when
+    the server stops; under systemd it lies in the unit's private /tmp."""
     sock = bind_socket(settings.host, settings.port, reuse_port=True)
     _listening(settings, sock, workers=settings.workers)
     config = hypercorn_config(settings, sock)
     config.workers = settings.workers
     config.application_path = WORKER_APPLICATION_PATH
-    return hypercorn_run(config)
+    metrics_dir = tempfile.mkdtemp(prefix="aircall-relay-metrics-")
+    os.environ[MULTIPROCESS_METRICS_ENV] = metrics_dir
+    try:
+        return hypercorn_run(config)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 async def wait_for_signal() -> None:

@@ -141,11 +141,24 @@ def test_two_workers_serve_and_stop(sqlite_database: OutboxDatabase) -> None:
                 )
             )
         assert [response.status_code for response in responses] == [200] * 40
+        # Whichever worker answers a scrape, it counts every worker's webhooks (each scrape on
+        # a connection of its own, so the kernel hands them to both workers).
+        stored = [_stored_webhooks(httpx.get(url + "/metrics").text) for _ in range(12)]
+        assert stored == [40.0] * 12
         relay.signal(signal.SIGTERM)
         assert relay.wait() == 0
     finally:
         relay.stop()
     assert sqlite_database.count() == 40
+
+
+def _stored_webhooks(metrics: str) -> float:
+    """The sum of `relay_webhooks_total` over events, for the outcome `stored`."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("relay_webhooks_total{") and 'outcome="stored"' in line
+    )
 
 
 def test_tls_with_certificate_and_key(sqlite_database: OutboxDatabase, tmp_path: Path) -> None:
