@@ -338,6 +338,8 @@ async def pg_connect(database_url: str, database: str | None = None) -> Any:
 def relay_env(database_url: str | None, **settings: str) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("RELAY_")}
     env.update({"RELAY_LOG_FORMAT": "json", "RELAY_LOG_LEVEL": "INFO", "PYTHONPATH": str(ROOT)})
+    if _setting_exists("receiver_metrics_port"):  # nothing here scrapes the receiver
+        env["RELAY_RECEIVER_METRICS_PORT"] = "off"
     if database_url is not None:
         env["RELAY_DATABASE_URL"] = database_url
     env.update({f"RELAY_{name.upper()}": value for name, value in settings.items()})

@@ -407,19 +407,21 @@ class Server:
         )
         if cpus:  # threads and worker processes started later inherit this
             os.sched_setaffinity(self.process.pid, cpus)
-        self.port = self._wait_for_port()
+        self.port = self._wait_for_port("listening")
+        # Where the server answers /metrics (a port of its own since the receiver has one).
+        self.metrics_port = self._wait_for_port("metrics_listening")
 
-    def _wait_for_port(self) -> int:
+    def _wait_for_port(self, event: str) -> int:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise SystemExit(f"the server exited:\n{self.log_path.read_text()[-3000:]}")
             for line in self.log_path.read_text().splitlines():
-                if '"listening"' in line:
+                if f'"{event}"' in line:
                     return int(json.loads(line)["port"])
             time.sleep(0.05)
         self.stop()
-        raise SystemExit("the server did not log `listening` within 30 s")
+        raise SystemExit(f"the server did not log `{event}` within 30 s")
 
     def cpu_seconds(self) -> tuple[float, float]:
         """User + system CPU time of the server and its worker processes: (all threads, the
@@ -477,7 +479,7 @@ class Servers:
     def scrape_metrics(self) -> dict[str, float]:
         totals: dict[str, float] = {}
         for server in self.servers:
-            for name, value in scrape_metrics(server.port).items():
+            for name, value in scrape_metrics(server.metrics_port).items():
                 totals[name] = totals.get(name, 0.0) + value
         return totals
 
@@ -718,6 +720,7 @@ def main(argv: list[str] | None = None) -> int:
         "RELAY_AIRCALL_TOKENS": f"bench:{TOKEN}",
         "RELAY_DATABASE_URL": database_url,
         "RELAY_LOG_FORMAT": "json",
+        "RELAY_RECEIVER_METRICS_PORT": "0",  # any free port, one per server (logged)
         "PYTHONPATH": str(ROOT),
     }
     cpus = sorted(os.sched_getaffinity(0))

@@ -72,6 +72,7 @@ def run_demo(keep_directory: Path | None = None, seed: int | None = None) -> int
             settle_seconds=DEMO_SETTLE_SECONDS,
             poll_seconds=0.1,
             port=0,
+            receiver_metrics_port=None,  # a demo has nothing scraping it
             log_format="console",
             log_level="warning",
             shutdown_grace_seconds=5,

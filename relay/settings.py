@@ -341,6 +341,21 @@ SPECS: Final[tuple[SettingSpec, ...]] = (
         group="server",
     ),
     SettingSpec(
+        "receiver_metrics_host",
+        _listen_host,
+        "127.0.0.1",
+        "Address the receiver serves its Prometheus `/metrics` on, apart from the webhooks.",
+        group="server",
+    ),
+    SettingSpec(
+        "receiver_metrics_port",
+        _port_or_off,
+        9102,
+        "Port of the receiver's `/metrics` (plain HTTP, never the webhook port); `off` for "
+        "none, 0 for any free one. `run` shows the drainer's metrics there too.",
+        group="server",
+    ),
+    SettingSpec(
         "tls_certfile",
         _optional_path,
         None,
@@ -583,6 +598,8 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
     workers: int = 1
+    receiver_metrics_host: str = "127.0.0.1"
+    receiver_metrics_port: int | None = 9102
     tls_certfile: str | None = None
     tls_keyfile: str | None = None
     shutdown_grace_seconds: float = 10.0

@@ -210,7 +210,7 @@ class ReceiverThread:
     """Runs the real Quart app on Hypercorn in a thread with its own event loop."""
 
     def __init__(self, settings: Any) -> None:
-        self.settings = settings.with_overrides(port=0)
+        self.settings = settings.with_overrides(port=0, receiver_metrics_port=0)
         self.port: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -249,6 +249,11 @@ class ReceiverThread:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        """Where `GET /metrics` is answered: a port of its own."""
+        return f"http://127.0.0.1:{self.app.extensions['relay'].metrics_port}/metrics"
 
     def stop(self) -> None:
         if self._loop is not None and self._stop is not None:

@@ -45,6 +45,9 @@ class ReceiverState:
     metrics: ReceiverMetrics
     head_revision: str
     clock: Callable[[], datetime]
+    # The port `/metrics` is answered on, and only there (None: nowhere). From the settings;
+    # `serve` sets the port it took when they asked for any free one (0).
+    metrics_port: int | None = None
 
 
 def _error(status: int, error: str, detail: str, **headers: str) -> Response:
@@ -83,6 +86,7 @@ def create_app(
         metrics=receiver_metrics,
         head_revision=head_revision,
         clock=clock or (lambda: datetime.now(UTC)),
+        metrics_port=settings.receiver_metrics_port or None,
     )
     for registry in extra_metrics:
         receiver_metrics.include(registry)
@@ -104,6 +108,23 @@ def create_app(
         await state.store.close_writer()
         if on_shutdown is not None:
             await on_shutdown()
+
+    @app.before_request
+    async def metrics_port_serves_only_metrics() -> Response | None:
+        """`/metrics` is answered on its own port (`RELAY_RECEIVER_METRICS_PORT`, loopback by
+        default) and nothing else is: the webhook port, usually public, never shows the metrics
+        nor makes the database reads behind them."""
+        server = request.server
+        on_metrics_port = (
+            state.metrics_port is not None
+            and server is not None
+            and server[1] == state.metrics_port
+        )
+        if on_metrics_port == (request.path == "/metrics"):
+            return None
+        if on_metrics_port:
+            return _error(404, "not_found", "this port serves only GET /metrics")
+        return _error(404, "not_found", "/metrics is served on RELAY_RECEIVER_METRICS_PORT")
 
     @app.post(settings.webhook_path)
     async def webhook() -> Response:

@@ -28,9 +28,14 @@ log = get_logger("relay.receiver")
 
 # The factory Hypercorn's spawned workers call to build their own app from the environment.
 WORKER_APPLICATION_PATH = "relay.cli:receiver_app_from_environment()"
+METRICS_PORT_ENV = "RELAY_RECEIVER_METRICS_PORT"
 
 
-def bind_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+def bind_socket(
+    host: str, port: int, reuse_port: bool = False, setting: str = "RELAY_HOST/RELAY_PORT"
+) -> socket.socket:
+    """A listening socket on host:port; a port that cannot be had is a SettingsError naming
+    `setting`."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -43,7 +48,7 @@ def bind_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket
         sock.close()
         # A port taken or not ours to bind is a configuration problem, not a database one.
         raise SettingsError(
-            f"RELAY_HOST/RELAY_PORT: cannot listen on {host}:{port}: "
+            f"{setting}: cannot listen on {host}:{port}: "
             f"{error.strerror or error} (is another process using the port?)"
         ) from None
     sock.listen(1024)
@@ -51,17 +56,44 @@ def bind_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket
     return sock
 
 
-def hypercorn_config(settings: Settings, sock: socket.socket) -> Config:
-    """Hypercorn's configuration; Hypercorn takes over the socket (and closes it when done)."""
+def bind_metrics_socket(settings: Settings, reuse_port: bool = False) -> socket.socket | None:
+    """The socket of the receiver's `/metrics` (`RELAY_RECEIVER_METRICS_PORT`), or None when
+    it is `off`. Its port is logged (`metrics_listening`)."""
+    if settings.receiver_metrics_port is None:
+        return None
+    sock = bind_socket(
+        settings.receiver_metrics_host,
+        settings.receiver_metrics_port,
+        reuse_port=reuse_port,
+        setting="RELAY_RECEIVER_METRICS_HOST/RELAY_RECEIVER_METRICS_PORT",
+    )
+    host, port = sock.getsockname()[:2]
+    log.info("metrics_listening", url=f"http://{host}:{port}/metrics", host=host, port=port)
+    return sock
+
+
+def hypercorn_config(
+    settings: Settings, sock: socket.socket, metrics_sock: socket.socket | None = None
+) -> Config:
+    """Hypercorn's configuration; Hypercorn takes over the sockets (and closes them when done).
+    The metrics socket speaks plain HTTP even when the webhooks are TLS (an `insecure_bind`,
+    which Hypercorn serves only with TLS on; without, every `bind` is plain)."""
     config = Config()
     config.bind = [f"fd://{sock.detach()}"]
+    tls = bool(settings.tls_certfile and settings.tls_keyfile)
+    if metrics_sock is not None:
+        metrics_bind = f"fd://{metrics_sock.detach()}"
+        if tls:
+            config.insecure_bind = [metrics_bind]
+        else:
+            config.bind.append(metrics_bind)
     config.graceful_timeout = settings.shutdown_grace_seconds
     config.accesslog = None  # we write one line per webhook ourselves
     config.errorlog = "-"
     config.loglevel = "WARNING"
     config.backlog = 1024
     config.keep_alive_timeout = 75  # longer than a typical load balancer's idle timeout
-    if settings.tls_certfile and settings.tls_keyfile:
+    if tls:
         config.certfile = settings.tls_certfile
         config.keyfile = settings.tls_keyfile
     return config
@@ -90,10 +122,19 @@ async def serve_in_process(
     `on_listening` is called with the port once the socket listens (port 0 picks a free one).
     """
     sock = bind_socket(settings.host, settings.port)
+    try:
+        metrics_sock = bind_metrics_socket(settings)
+    except SettingsError:
+        sock.close()
+        raise
     _listening(settings, sock, workers=1)
     if on_listening is not None:
         on_listening(sock.getsockname()[1])
-    config = hypercorn_config(settings, sock)
+    # The app answers /metrics only on this port (the one taken, when 0 asked for any).
+    app.extensions["relay"].metrics_port = (
+        None if metrics_sock is None else metrics_sock.getsockname()[1]
+    )
+    config = hypercorn_config(settings, sock, metrics_sock)
     await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger)
 
 
@@ -106,8 +147,15 @@ def serve_with_workers(settings: Settings) -> int:
     answers `GET /metrics` sums them all (`ReceiverMetrics.render`). The directory goes when
     the server stops; under systemd it lies in the unit's private /tmp."""
     sock = bind_socket(settings.host, settings.port, reuse_port=True)
+    try:
+        metrics_sock = bind_metrics_socket(settings, reuse_port=True)
+    except SettingsError:
+        sock.close()
+        raise
     _listening(settings, sock, workers=settings.workers)
-    config = hypercorn_config(settings, sock)
+    if metrics_sock is not None:  # the workers learn the port taken (0: any free one)
+        os.environ[METRICS_PORT_ENV] = str(metrics_sock.getsockname()[1])
+    config = hypercorn_config(settings, sock, metrics_sock)
     config.workers = settings.workers
     config.application_path = WORKER_APPLICATION_PATH
     metrics_dir = tempfile.mkdtemp(prefix="aircall-relay-metrics-")

@@ -27,6 +27,7 @@ def relay_env(database_url: str, **settings: str) -> dict[str, str]:
     # Any free port for each drainer's /metrics: tests run several drainers at once, and other
     # test runs may share the machine (the default, 9101, would be taken by the first).
     env["RELAY_DRAINER_METRICS_PORT"] = "0"
+    env["RELAY_RECEIVER_METRICS_PORT"] = "0"  # the same for the receiver's (default 9102)
     env.update({f"RELAY_{key.upper()}": value for key, value in settings.items()})
     return env
 
@@ -97,6 +98,10 @@ class RelayProcess:
 
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port()}"
+
+    def metrics_url(self) -> str:
+        """Where this process answers `GET /metrics` (a port of its own)."""
+        return f"http://127.0.0.1:{self.wait_for_log('metrics_listening')['port']}/metrics"
 
     def signal(self, signum: int) -> None:
         self.process.send_signal(signum)

@@ -1,7 +1,7 @@
 """Both processes' Prometheus metrics scraped over real HTTP: `aircall-relay serve` (webhooks,
 outbox gauges read from the database) and `aircall-relay drain` (its own metrics port), then
-`run` (one `/metrics` for both), and a drainer metrics port already in use (exit 2, naming the
-setting).
+`run` (one `/metrics` for both), each on a metrics port of its own, and a metrics port already in
+use (exit 2, naming the setting).
 
 The fake Segment runs in a thread of this process; the relay commands are real subprocesses.
 """
@@ -125,7 +125,8 @@ def test_serve_and_drain_export_what_happened(
             assert client.post(WEBHOOK, json={"token": "x" * 20}).status_code == 401
 
         # Before any delivery: the backlog, read from the database.
-        before = scrape(base + "/metrics")
+        metrics = receiver.metrics_url()
+        before = scrape(metrics)
         assert value(before, "relay_outbox_up") == 1
         assert value(before, "relay_outbox_rows", status="pending") == 7
         assert value(before, "relay_outbox_rows", status="dead") == 0
@@ -140,10 +141,12 @@ def test_serve_and_drain_export_what_happened(
         drained = scrape(f"http://127.0.0.1:{port}/metrics")
         # Once call 1's call.hungup is older than the timeout (1 s), it awaits its call.ended.
         wait_for(
-            lambda: value(scrape(base + "/metrics"), "relay_outbox_calls_awaiting_call_ended") == 1,
+            lambda: (
+                value(scrape(receiver.metrics_url()), "relay_outbox_calls_awaiting_call_ended") == 1
+            ),
             "call 1 counted as awaiting call.ended",
         )
-        received = scrape(base + "/metrics")
+        received = scrape(metrics)
     finally:
         if drainer is not None:
             drainer.stop()
@@ -193,15 +196,16 @@ def test_run_serves_the_drainers_metrics_on_the_receivers_port(
             response = httpx.post(base + WEBHOOK, json=call_event(event, 2001), timeout=10)
             assert response.json()["status"] == "stored"
         wait_for(lambda: statuses(sqlite_database) == {"delivered": 2}, "both delivered")
-        samples = scrape(base + "/metrics")
+        samples = scrape(relay.metrics_url())
         stop(relay)
     finally:
         relay.stop()
     assert value(samples, "relay_webhooks_total", event="call.answered", outcome="stored") == 1
     assert value(samples, "relay_events_delivered_total") == 2
     assert value(samples, "relay_outbox_rows", status="pending") == 0
-    # The drainer's own port is not opened by `run`.
-    assert "metrics_listening" not in [record.get("event") for record in relay.records()]
+    # One metrics port, the receiver's: the drainer's own is not opened by `run`.
+    events = [record.get("event") for record in relay.records()]
+    assert events.count("metrics_listening") == 1
 
 
 def test_drain_with_its_metrics_port_in_use_exits_2_naming_the_setting(
@@ -216,3 +220,16 @@ def test_drain_with_its_metrics_port_in_use_exits_2_naming_the_setting(
     assert f"127.0.0.1:{port} is already in use" in result.stderr
     assert "Traceback" not in result.stdout + result.stderr
     assert statuses(sqlite_database) == {}  # it stopped before doing anything
+
+
+def test_serve_with_its_metrics_port_in_use_exits_2_naming_the_setting(
+    sqlite_database: OutboxDatabase, fake: FakeSegment
+) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        env = relay_env(sqlite_database.url, **settings(fake, receiver_metrics_port=str(port)))
+        result = run_relay("serve", "--port", "0", env=env, timeout=30)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "RELAY_RECEIVER_METRICS_PORT" in result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr

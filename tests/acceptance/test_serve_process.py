@@ -143,7 +143,8 @@ def test_two_workers_serve_and_stop(sqlite_database: OutboxDatabase) -> None:
         assert [response.status_code for response in responses] == [200] * 40
         # Whichever worker answers a scrape, it counts every worker's webhooks (each scrape on
         # a connection of its own, so the kernel hands them to both workers).
-        stored = [_stored_webhooks(httpx.get(url + "/metrics").text) for _ in range(12)]
+        metrics = relay.metrics_url()
+        stored = [_stored_webhooks(httpx.get(metrics).text) for _ in range(12)]
         assert stored == [40.0] * 12
         relay.signal(signal.SIGTERM)
         assert relay.wait() == 0
@@ -180,6 +181,11 @@ def test_tls_with_certificate_and_key(sqlite_database: OutboxDatabase, tmp_path:
         trusted = ssl.create_default_context(cafile=str(cert))
         response = httpx.post(url + WEBHOOK, content=distinct_call(1), headers=JSON, verify=trusted)
         assert response.status_code == 200
+        # The metrics port stays plain HTTP (loopback, for Prometheus), the webhook port is TLS.
+        metrics = httpx.get(relay.metrics_url())
+        assert metrics.status_code == 200
+        assert 'relay_webhooks_total{event="call.created",outcome="stored"} 1.0' in metrics.text
+        assert httpx.get(url + "/metrics", verify=trusted).status_code == 404
     finally:
         relay.stop()
 

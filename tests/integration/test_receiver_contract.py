@@ -428,12 +428,25 @@ def test_readyz_is_503_when_the_schema_is_not_at_head(
         assert response.json()["expected_revision"]
 
 
-def test_metrics_count_webhooks_by_event_and_outcome(client: httpx.Client) -> None:
+def test_metrics_count_webhooks_by_event_and_outcome(
+    client: httpx.Client, receiver: ReceiverThread
+) -> None:
     post(client, sample("call.created"))
     post(client, sample("call.created"))
     post(client, {"token": "nope-nope-nope-nope"})
-    text = client.get("/metrics").text
+    text = httpx.get(receiver.metrics_url).text
     assert 'relay_webhooks_total{event="call.created",outcome="stored"} 1.0' in text
     assert 'relay_webhooks_total{event="call.created",outcome="duplicate"} 1.0' in text
     assert 'relay_webhooks_total{event="none",outcome="unauthorized"} 1.0' in text
     assert "relay_webhook_duplicates_total 1.0" in text
+
+
+def test_metrics_have_a_port_of_their_own(client: httpx.Client, receiver: ReceiverThread) -> None:
+    """The webhook port (public) neither shows the metrics nor reads the database for them; the
+    metrics port (loopback) serves nothing else."""
+    assert_error(client.get("/metrics"), 404, "not_found")
+    metrics_port = receiver.metrics_url.removesuffix("/metrics")
+    assert_error(httpx.post(metrics_port + WEBHOOK, content=b"{}", headers=JSON), 404, "not_found")
+    assert_error(httpx.get(metrics_port + "/healthz"), 404, "not_found")
+    assert client.get("/healthz").status_code == 200
+    assert httpx.get(receiver.metrics_url).status_code == 200
