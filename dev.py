@@ -68,6 +68,18 @@ def dev_environment() -> dict[str, str]:
     return env
 
 
+def _call(command: list[str], cwd: Path, env: dict[str, str] | None = None) -> int:
+    """Run `command` and return its exit code. Ctrl-C reaches the child too (same process
+    group), which stops by itself (gracefully, or at once on a second Ctrl-C): wait for it
+    rather than die with a traceback while it is still stopping."""
+    with subprocess.Popen(command, cwd=cwd, env=env) as child:
+        while True:
+            try:
+                return child.wait()
+            except KeyboardInterrupt:
+                continue
+
+
 def run(args: list[str]) -> int:
     ensure_venv()
     env = dev_environment()
@@ -78,12 +90,12 @@ def run(args: list[str]) -> int:
         '(RELAY_AIRCALL_TOKENS=local:<token>); put it in the body\'s "token" field.',
         flush=True,
     )
-    return subprocess.call([relay, "run", *args], env=env, cwd=ROOT)
+    return _call([relay, "run", *args], env=env, cwd=ROOT)
 
 
 def demo(args: list[str]) -> int:
     ensure_venv()
-    return subprocess.call([_bin("aircall-relay"), "demo", *args], cwd=ROOT)
+    return _call([_bin("aircall-relay"), "demo", *args], cwd=ROOT)
 
 
 def test(args: list[str]) -> int:
@@ -105,7 +117,7 @@ def test(args: list[str]) -> int:
             " ".join(Path(step[0]).name if i == 0 else a for i, a in enumerate(step)),
             flush=True,
         )
-        code = subprocess.call(step, cwd=ROOT)
+        code = _call(step, cwd=ROOT)
         if code != 0:
             return code
     return 0
