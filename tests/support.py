@@ -22,7 +22,9 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from relay.aircall import message_id_for, validate_envelope
 from relay.db.migrate import upgrade_to_head
+from relay.segment import OutboxEvent
 from relay.settings import normalise_database_url
 
 if TYPE_CHECKING:
@@ -415,4 +417,18 @@ def assert_first_accepted_in_order(
         f"{len(misordered)} calls first accepted out of order, e.g. call "
         f"{misordered[0]}: expected {short(expected[misordered[0]])}, "
         f"got {short(by_call.get(misordered[0]))}"
+    )
+
+
+def outbox_event(body: dict[str, Any], payload: Any = None) -> OutboxEvent:
+    """The OutboxEvent of a webhook body, computed the way the receiver stores its row; its
+    payload the parsed one, or `payload` (e.g. the stored JSON text) when given."""
+    envelope = validate_envelope(dict(body))
+    return OutboxEvent(
+        message_id=message_id_for(envelope.dedup_key),
+        resource=envelope.resource,
+        event=envelope.event,
+        resource_id=envelope.resource_id,
+        occurred_at=envelope.occurred_at,
+        payload=envelope.payload if payload is None else payload,
     )

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay.aircall import message_id_for, validate_envelope
+from relay.aircall import message_id_for
 from relay.segment import (
     SEGMENT_MAX_MESSAGE_BYTES,
     MappingOptions,
@@ -31,7 +31,7 @@ from relay.segment import (
     to_track_message,
     validate_message,
 )
-from tests.support import SAMPLE_FILES
+from tests.support import SAMPLE_FILES, outbox_event
 
 DEFAULT = MappingOptions()
 HASH_KEY = b"relay-test-hash-key-0123456789ab"
@@ -236,18 +236,6 @@ def stored_call_event(
     )
 
 
-def event_of(body: dict[str, Any], payload: Any = None) -> OutboxEvent:
-    envelope = validate_envelope(dict(body))
-    return OutboxEvent(
-        message_id=message_id_for(envelope.dedup_key),
-        resource=envelope.resource,
-        event=envelope.event,
-        resource_id=envelope.resource_id,
-        occurred_at=envelope.occurred_at,
-        payload=envelope.payload if payload is None else payload,
-    )
-
-
 def mapped(event: OutboxEvent, options: MappingOptions) -> TrackMessage | tuple[str, str]:
     try:
         return to_track_message(event, options)
@@ -258,8 +246,8 @@ def mapped(event: OutboxEvent, options: MappingOptions) -> TrackMessage | tuple[
 def assert_same_mapping(body: dict[str, Any], options: MappingOptions, text: str) -> None:
     """The stored text maps to what the parsed payload maps to: the same message, bytes,
     trimming, or the same refusal."""
-    reference = mapped(event_of(body), options)
-    result = mapped(event_of(body, payload=text), options)
+    reference = mapped(outbox_event(body), options)
+    result = mapped(outbox_event(body, payload=text), options)
     if isinstance(reference, tuple):
         assert result == reference
         return
@@ -328,13 +316,13 @@ def test_a_message_near_the_limit_is_measured_on_the_standard_librarys_bytes() -
         "timestamp": 1_773_151_668,
         "data": {"id": 981201, "numbers": numbers},
     }
-    reference = to_track_message(event_of(body), DEFAULT)
+    reference = to_track_message(outbox_event(body), DEFAULT)
     size = len(reference.encoded)
     fast_size = len(_encode(reference.message, fast=True))
     assert fast_size < size  # the two encodings differ in size
     options = MappingOptions(max_message_bytes=(size + fast_size) // 2)
     assert_same_mapping(body, options, json.dumps(body))
-    assert to_track_message(event_of(body, json.dumps(body)), options).trimmed
+    assert to_track_message(outbox_event(body, json.dumps(body)), options).trimmed
 
 
 def test_an_id_beyond_64_bits_reaches_segment_with_every_digit() -> None:
@@ -344,7 +332,7 @@ def test_an_id_beyond_64_bits_reaches_segment_with_every_digit() -> None:
         "timestamp": 1_773_151_668,
         "data": {"id": 2**64 + 1, "number": {"id": 2**70}},
     }
-    result = to_track_message(event_of(body, json.dumps(body)), DEFAULT)
+    result = to_track_message(outbox_event(body, json.dumps(body)), DEFAULT)
     assert result.message["userId"] == "18446744073709551617"
     assert b'"user_id":18446744073709551617' in result.encoded
     assert b'"number":{"id":1180591620717411303424}' in result.encoded

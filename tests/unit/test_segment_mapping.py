@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relay import __version__
-from relay.aircall import canonical_json, message_id_for, validate_envelope
+from relay.aircall import canonical_json
 from relay.pii import keyed_hash
 from relay.segment import (
     MAX_BATCH_BYTES,
@@ -38,7 +38,7 @@ from relay.segment import (
     validate_message,
 )
 from relay.snakecase import flattened_columns, is_reserved_column, snakecase
-from tests.support import EXAMPLES, SAMPLE_FILES
+from tests.support import EXAMPLES, SAMPLE_FILES, outbox_event
 
 SAMPLES_DIR = EXAMPLES
 DOCS_MAPPING = Path(__file__).resolve().parents[2] / "docs" / "mapping.md"
@@ -48,19 +48,6 @@ ISO_MILLISECONDS_Z = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
 
 # Helpers ------------------------------------------------------------------------------------------
-
-
-def outbox_event(body: Mapping[str, Any]) -> OutboxEvent:
-    """The OutboxEvent of a webhook body, computed the way the receiver stores its row."""
-    envelope = validate_envelope(dict(body))
-    return OutboxEvent(
-        message_id=message_id_for(envelope.dedup_key),
-        resource=envelope.resource,
-        event=envelope.event,
-        resource_id=envelope.resource_id,
-        occurred_at=envelope.occurred_at,
-        payload=envelope.payload,
-    )
 
 
 def load_sample(name: str) -> dict[str, Any]:
