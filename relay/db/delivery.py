@@ -34,7 +34,7 @@ from sqlalchemy.sql import operators as sa_operators
 from relay.aircall import CALL_LIFECYCLE, OTHER_EVENTS_RANK
 from relay.db.engine import not_abandoned, sqlite_writer_connector, writer
 from relay.db.notify import notify_statement
-from relay.db.tables import delivery_requests, is_call_hungup, outbox, utc_datetime
+from relay.db.tables import awaiting_call_ended, delivery_requests, outbox, utc_datetime
 
 Result = TypeVar("Result")
 
@@ -692,24 +692,13 @@ class DeliveryStore:
 
     async def calls_awaiting_ended(self, received_before: datetime) -> list[AwaitingCallEnded]:
         """Calls whose `call.hungup` was received before the cut-off and no `call.ended` since."""
-        ended = outbox.alias("ended")
-        # Each hung-up call looks for its `call.ended` among its own key's rows, in the covering
-        # index (ordering_key, status, occurred_at, event). Without statistics SQLite otherwise
-        # searched the event index, every `call.ended` row of the outbox for each hung-up call:
-        # a minute of CPU on an outbox of 100,000 rows, holding a read transaction (so the WAL
-        # could not be checkpointed back) while the drainer worked.
+        # Each hung-up call looks for its `call.ended` among its own key's rows
+        # (`awaiting_call_ended`). Before migration 0005, SQLite without statistics searched the
+        # event index instead, every `call.ended` row of the outbox for each hung-up call: a
+        # minute of CPU on an outbox of 100,000 rows; that index is gone.
         statement = (
             sa.select(outbox.c.ordering_key, sa.func.min(outbox.c.received_at).label("received_at"))
-            .where(
-                is_call_hungup(outbox),
-                outbox.c.received_at < received_before,
-                ~sa.exists(
-                    sa.select(sa.literal_column("1")).where(
-                        ended.c.ordering_key == outbox.c.ordering_key,
-                        _not_indexed(ended.c.event, self.dialect) == "call.ended",
-                    )
-                ),
-            )
+            .where(awaiting_call_ended(received_before))
             .group_by(outbox.c.ordering_key)
             .order_by(sa.func.min(outbox.c.received_at))
         )

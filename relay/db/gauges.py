@@ -2,7 +2,7 @@
 
 Two short read statements on one connection, both answered from indexes: the rows not yet
 delivered and the dead rows (`ix_outbox_status_id`), and the calls whose `call.hungup` is older
-than the timeout with no `call.ended` (`ix_outbox_event_received_at`, then
+than the timeout with no `call.ended` (`ix_outbox_call_hungup_received_at`, then
 `ix_outbox_ordering_key_status` per call). Delivered and skipped rows, the bulk of a long-lived
 outbox, are never counted.
 """
@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from relay.db.tables import is_call_hungup, outbox, utc_datetime
+from relay.db.tables import awaiting_call_ended, outbox, utc_datetime
 
 # The statuses the gauges count (delivered and skipped only grow, and the SQL answers them).
 GAUGE_STATUSES = ("pending", "delivering", "dead")
@@ -30,6 +31,13 @@ class OutboxGauges:
     calls_awaiting_call_ended: int
 
 
+def count_calls_awaiting_call_ended(received_before: datetime) -> sa.Select[Any]:
+    """SQL: how many calls hung up before the cut-off still have no `call.ended`."""
+    return sa.select(sa.func.count(sa.distinct(outbox.c.ordering_key))).where(
+        awaiting_call_ended(received_before)
+    )
+
+
 async def read_outbox_gauges(engine: AsyncEngine, awaiting_before: datetime) -> OutboxGauges:
     """The gauges now; `awaiting_before` is the cut-off of `call.hungup` receipts (now minus
     `RELAY_CALL_ENDED_TIMEOUT_SECONDS`), as the drainer's `call_ended_missing` check uses."""
@@ -41,17 +49,9 @@ async def read_outbox_gauges(engine: AsyncEngine, awaiting_before: datetime) -> 
         ),
         sa.func.min(outbox.c.received_at).filter(outbox.c.status.in_(undelivered)).label("oldest"),
     ).where(outbox.c.status.in_(GAUGE_STATUSES))
-    ended = outbox.alias("ended")
-    awaiting = sa.select(sa.func.count(sa.distinct(outbox.c.ordering_key))).where(
-        is_call_hungup(outbox),
-        outbox.c.received_at < awaiting_before,
-        ~sa.exists().where(
-            ended.c.ordering_key == outbox.c.ordering_key, ended.c.event == "call.ended"
-        ),
-    )
     async with engine.connect() as connection:
         row = (await connection.execute(counts)).one()
-        calls = await connection.scalar(awaiting)
+        calls = await connection.scalar(count_calls_awaiting_call_ended(awaiting_before))
     return OutboxGauges(
         pending=int(row.pending),
         delivering=int(row.delivering),

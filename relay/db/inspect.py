@@ -18,8 +18,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from relay.aircall import MESSAGE_ID_PREFIX
 from relay.db.engine import not_abandoned, writer
+from relay.db.gauges import count_calls_awaiting_call_ended
 from relay.db.notify import notify_statement
-from relay.db.tables import delivery_requests, is_call_hungup, outbox, utc_datetime
+from relay.db.tables import delivery_requests, outbox, utc_datetime
 
 REQUEUABLE_STATUSES = ("dead", "skipped", "delivered")
 PURGEABLE_STATUSES = ("delivered", "skipped", "dead")
@@ -105,19 +106,8 @@ class OutboxInspector:
             )
             result.oldest_pending_received_at = None if oldest is None else utc_datetime(oldest)
             result.dead = result.by_status.get("dead", 0)
-            ended = outbox.alias("ended")
             result.calls_awaiting_call_ended = int(
-                await connection.scalar(
-                    sa.select(sa.func.count(sa.distinct(outbox.c.ordering_key))).where(
-                        is_call_hungup(outbox),
-                        outbox.c.received_at < awaiting_since,
-                        ~sa.exists().where(
-                            ended.c.ordering_key == outbox.c.ordering_key,
-                            ended.c.event == "call.ended",
-                        ),
-                    )
-                )
-                or 0
+                await connection.scalar(count_calls_awaiting_call_ended(awaiting_since)) or 0
             )
             requests = await connection.execute(
                 sa.select(delivery_requests.c.outcome, sa.func.count().label("n"))

@@ -69,6 +69,21 @@ def is_call_hungup(table: Any) -> Any:
     return table.c.event == sa.literal_column("'call.hungup'", sa.String())
 
 
+def awaiting_call_ended(received_before: Any) -> Any:
+    """SQL: the outbox row is a `call.hungup` received before `received_before` whose call has
+    no `call.ended` in the outbox (PRODUCT §6). What the drainer's check, the gauges and
+    `outbox stats` all ask: the hung-up calls come from the partial index, and each one's
+    `call.ended` is looked for among its own key's rows (`ix_outbox_ordering_key_status`)."""
+    ended = outbox.alias("ended")
+    return sa.and_(
+        is_call_hungup(outbox),
+        outbox.c.received_at < received_before,
+        ~sa.exists().where(
+            ended.c.ordering_key == outbox.c.ordering_key, ended.c.event == "call.ended"
+        ),
+    )
+
+
 # SQLite only makes INTEGER PRIMARY KEY the rowid (and AUTOINCREMENT never reuses an id, so the
 # receipt id stays a true order of receipt even after a purge); PostgreSQL gets a BIGINT identity.
 Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
