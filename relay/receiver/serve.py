@@ -99,6 +99,20 @@ def hypercorn_config(
     return config
 
 
+def _bind(settings: Settings, workers: int) -> tuple[socket.socket, socket.socket | None]:
+    """The webhook socket and the metrics one (None when off), both listening and logged; with
+    several workers, both shared by them (`SO_REUSEPORT`)."""
+    reuse_port = workers > 1
+    sock = bind_socket(settings.host, settings.port, reuse_port=reuse_port)
+    try:
+        metrics_sock = bind_metrics_socket(settings, reuse_port=reuse_port)
+    except SettingsError:
+        sock.close()
+        raise
+    _listening(settings, sock, workers)
+    return sock, metrics_sock
+
+
 def _listening(settings: Settings, sock: socket.socket, workers: int) -> None:
     host, port = sock.getsockname()[:2]
     scheme = "https" if settings.tls_certfile else "http"
@@ -121,13 +135,7 @@ async def serve_in_process(
 
     `on_listening` is called with the port once the socket listens (port 0 picks a free one).
     """
-    sock = bind_socket(settings.host, settings.port)
-    try:
-        metrics_sock = bind_metrics_socket(settings)
-    except SettingsError:
-        sock.close()
-        raise
-    _listening(settings, sock, workers=1)
+    sock, metrics_sock = _bind(settings, workers=1)
     if on_listening is not None:
         on_listening(sock.getsockname()[1])
     # The app answers /metrics only on this port (the one taken, when 0 asked for any).
@@ -146,13 +154,7 @@ def serve_with_workers(settings: Settings) -> int:
     `PROMETHEUS_MULTIPROC_DIR`, which the spawned workers inherit), and whichever worker
     answers `GET /metrics` sums them all (`ReceiverMetrics.render`). The directory goes when
     the server stops; under systemd it lies in the unit's private /tmp."""
-    sock = bind_socket(settings.host, settings.port, reuse_port=True)
-    try:
-        metrics_sock = bind_metrics_socket(settings, reuse_port=True)
-    except SettingsError:
-        sock.close()
-        raise
-    _listening(settings, sock, workers=settings.workers)
+    sock, metrics_sock = _bind(settings, settings.workers)
     if metrics_sock is not None:  # the workers learn the port taken (0: any free one)
         os.environ[METRICS_PORT_ENV] = str(metrics_sock.getsockname()[1])
     config = hypercorn_config(settings, sock, metrics_sock)
