@@ -22,13 +22,13 @@ from quart import Quart
 
 from relay.logs import get_logger
 from relay.receiver.metrics import MULTIPROCESS_METRICS_ENV
-from relay.settings import Settings, SettingsError
+from relay.settings import SPECS_BY_NAME, Settings, SettingsError
 
 log = get_logger("relay.receiver")
 
 # The factory Hypercorn's spawned workers call to build their own app from the environment.
 WORKER_APPLICATION_PATH = "relay.cli:receiver_app_from_environment()"
-METRICS_PORT_ENV = "RELAY_RECEIVER_METRICS_PORT"
+METRICS_PORT_ENV = SPECS_BY_NAME["receiver_metrics_port"].env
 
 
 def bind_socket(
