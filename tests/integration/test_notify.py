@@ -58,10 +58,10 @@ def call_created(call_id: int) -> dict[str, Any]:
     return body
 
 
-def event(call_id: int, forward: bool = True) -> IncomingEvent:
+def event(call_id: int, forward: bool = True, received_at: datetime | None = None) -> IncomingEvent:
     body = call_created(call_id)
     del body["token"]
-    made: IncomingEvent = incoming_event(body, datetime.now(UTC))
+    made: IncomingEvent = incoming_event(body, received_at or datetime.now(UTC))
     if not forward:
         made = replace(made, forward=False, skip_reason="not forwarded")
     return made
@@ -319,9 +319,7 @@ async def test_a_requeued_row_is_delivered_at_once_not_after_a_settle_window(
     """Requeued rows were received long ago: the drainer claims them as soon as it hears of
     them, neither after a settle window (8 s here) nor at its next poll (30 s)."""
     long_ago = datetime.now(UTC) - timedelta(minutes=5)
-    body = call_created(601)
-    del body["token"]
-    await store.insert_events([incoming_event(body, long_ago)])
+    await store.insert_events([event(601, received_at=long_ago)])
     async with store.engine.begin() as connection:
         await connection.execute(text("UPDATE outbox SET status = 'dead'"))
     listener = OutboxListener(postgres_database.url)
@@ -362,9 +360,7 @@ async def test_a_stopping_drainers_rows_go_to_another_drainer_at_once(
 ) -> None:
     """Drainer A's request hangs; A stops (grace period 0.5 s) and gives the row back; drainer
     B, which polls only every 30 s, hears of it and delivers it at once."""
-    body = call_created(701)
-    del body["token"]
-    await store.insert_events([incoming_event(body, datetime.now(UTC) - timedelta(minutes=5))])
+    await store.insert_events([event(701, received_at=datetime.now(UTC) - timedelta(minutes=5))])
     fake.inject(Fault.hang())  # the first request hangs until its client goes away
     stop_a = anyio.Event()
 
