@@ -10,6 +10,7 @@ copy) is `test_operations.py`. All three run every test on both databases throug
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -263,6 +264,17 @@ async def test_schema_state_of_an_unreachable_database_says_so_without_raising(
         state = await OutboxStore(engine).schema_state()
     finally:
         await engine.dispose()
+        if database.kind == "sqlite":
+            await _aiosqlite_threads_gone()
     assert state.reachable is False
     assert state.revision is None
     assert state.error
+
+
+async def _aiosqlite_threads_gone(within: float = 5.0) -> None:
+    """Wait for aiosqlite's worker threads to end. The thread of a connection that failed to
+    open answers its stop request a moment after the failure; if this test's event loop has
+    closed by then, the thread's exception lands in whichever test runs next."""
+    with anyio.move_on_after(within):
+        while any("_connection_worker_thread" in thread.name for thread in threading.enumerate()):
+            await anyio.sleep(0.01)
