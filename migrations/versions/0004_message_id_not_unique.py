@@ -22,7 +22,7 @@ when the newest rows were purged.
 from __future__ import annotations
 
 from alembic import op
-from sqlalchemy import text
+from relay_migrations.sqlite_rebuild import sqlite_rebuild
 
 revision = "0004"
 down_revision = "0003"
@@ -36,7 +36,7 @@ def upgrade() -> None:
     if op.get_bind().dialect.name != "sqlite":
         op.drop_constraint(CONSTRAINT, "outbox", type_="unique")
         return
-    with _sqlite_rebuild() as batch:
+    with sqlite_rebuild() as batch:
         batch.drop_constraint(CONSTRAINT, type_="unique")
 
 
@@ -44,46 +44,5 @@ def downgrade() -> None:
     if op.get_bind().dialect.name != "sqlite":
         op.create_unique_constraint(CONSTRAINT, "outbox", ["message_id"])
         return
-    with _sqlite_rebuild() as batch:
+    with sqlite_rebuild() as batch:
         batch.create_unique_constraint(CONSTRAINT, ["message_id"])
-
-
-class _sqlite_rebuild:
-    """`op.batch_alter_table("outbox", recreate="always")`, with the views on `outbox` dropped
-    around it (SQLite refuses to rename a table while a view names a missing one) and the
-    AUTOINCREMENT counter carried over (the copy would reset it to the largest id present)."""
-
-    def __enter__(self):  # type: ignore[no-untyped-def]
-        bind = op.get_bind()
-        self._views = bind.execute(
-            text("SELECT name, sql FROM sqlite_master WHERE type = 'view' ORDER BY name")
-        ).all()
-        self._sequence = bind.execute(
-            text("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'")
-        ).scalar()
-        for name, _ in self._views:
-            op.execute(f'DROP VIEW "{name}"')
-        self._batch = op.batch_alter_table(
-            "outbox", recreate="always", table_kwargs={"sqlite_autoincrement": True}
-        )
-        return self._batch.__enter__()
-
-    def __exit__(self, *exc_info):  # type: ignore[no-untyped-def]
-        self._batch.__exit__(*exc_info)
-        if exc_info[0] is not None:
-            return
-        if self._sequence is not None:
-            bind = op.get_bind()
-            bind.execute(
-                text("UPDATE sqlite_sequence SET seq = max(seq, :seq) WHERE name = 'outbox'"),
-                {"seq": self._sequence},
-            )
-            bind.execute(
-                text(
-                    "INSERT INTO sqlite_sequence (name, seq) SELECT 'outbox', :seq"
-                    " WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'outbox')"
-                ),
-                {"seq": self._sequence},
-            )
-        for _, sql in self._views:
-            op.execute(sql)

@@ -121,6 +121,27 @@ outbox = sa.Table(
         "status IN ('pending', 'delivering', 'delivered', 'dead', 'skipped')", name="status"
     ),
     sa.CheckConstraint("received_count >= 1", name="received_count"),
+    # The row states (architecture.md, "Row states"; migration 0006): what every statement of
+    # the relay keeps true, so that SQL written by hand cannot make a row the relay would never
+    # move again (a pending row without a due time, a row in flight without a lease).
+    sa.CheckConstraint("attempts >= 0", name="attempts_not_negative"),
+    sa.CheckConstraint(
+        "status NOT IN ('pending', 'delivering') OR next_attempt_at IS NOT NULL",
+        name="pending_or_delivering_has_next_attempt_at",
+    ),
+    sa.CheckConstraint(
+        "status <> 'delivering' OR (claimed_by IS NOT NULL AND claimed_until IS NOT NULL)",
+        name="delivering_has_lease",
+    ),
+    sa.CheckConstraint(
+        "status = 'delivering' OR (claimed_by IS NULL AND claimed_until IS NULL)",
+        name="lease_only_while_delivering",
+    ),
+    sa.CheckConstraint(
+        "status <> 'delivered' OR delivered_at IS NOT NULL", name="delivered_has_delivered_at"
+    ),
+    sa.CheckConstraint("status <> 'dead' OR last_error IS NOT NULL", name="dead_has_reason"),
+    sa.CheckConstraint("status <> 'skipped' OR last_error IS NOT NULL", name="skipped_has_reason"),
     # Hung-up calls by key, with their receipt: the search for calls still awaiting
     # `call.ended` (drainer, gauges, the view) reads only this, for `call.hungup` rows only
     # (migration 0005; queries must spell the event as this literal for the index to apply).

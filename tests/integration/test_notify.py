@@ -302,7 +302,7 @@ async def test_an_operators_requeue_sends_one_notification_counting_the_rows(
 ) -> None:
     await store.insert_events([event(1), event(2), event(3)])
     async with store.engine.begin() as connection:
-        await connection.execute(text("UPDATE outbox SET status = 'dead'"))
+        await connection.execute(text("UPDATE outbox SET status = 'dead', last_error = 'refused'"))
     inspector = OutboxInspector(store.engine)
     async with listening(postgres_database) as heard:
         now = datetime.now(UTC)
@@ -321,7 +321,7 @@ async def test_a_requeued_row_is_delivered_at_once_not_after_a_settle_window(
     long_ago = datetime.now(UTC) - timedelta(minutes=5)
     await store.insert_events([event(601, received_at=long_ago)])
     async with store.engine.begin() as connection:
-        await connection.execute(text("UPDATE outbox SET status = 'dead'"))
+        await connection.execute(text("UPDATE outbox SET status = 'dead', last_error = 'refused'"))
     listener = OutboxListener(postgres_database.url)
     async with draining(postgres_database, fake, listener, replace(SLOW_POLL, settle_seconds=8)):
         await until(lambda: listener.listening, within=5)

@@ -144,6 +144,8 @@ def operations_queries(dialect: str) -> list[str]:
         first = block.strip().splitlines()[0].strip()
         if first in ("-- sqlite", "-- postgresql") and first != f"-- {dialect}":
             continue
+        if first.startswith("UPDATE"):  # the repairs: tests/integration/test_row_states.py
+            continue
         chosen.append(block.strip().rstrip(";"))
     return chosen
 

@@ -4,15 +4,18 @@ run down and up again; the SQLite connection settings that make a 200 durable ar
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import logging
 from pathlib import Path
 
 import pytest
 from alembic import command
 from alembic.script import ScriptDirectory
-from sqlalchemy import text
+from sqlalchemy import CheckConstraint, inspect, text
 
 from relay.db.engine import create_engine
 from relay.db.migrate import alembic_config, downgrade_to, head_revision, upgrade_to_head
+from relay.db.tables import outbox
 from tests.support import DatabaseFactory, fetch_all
 
 
@@ -165,3 +168,159 @@ def test_0005_swaps_the_event_index_for_a_partial_one_and_keeps_rows(
     indexes = _outbox_indexes(url)
     assert dropped <= indexes
     assert "ix_outbox_call_hungup_received_at" not in indexes
+
+
+def _check_constraints(url: str) -> set[str]:
+    async def names() -> set[str]:
+        engine = create_engine(url)
+        try:
+            async with engine.connect() as connection:
+                found = await connection.run_sync(
+                    lambda sync: inspect(sync).get_check_constraints("outbox")
+                )
+        finally:
+            await engine.dispose()
+        return {constraint["name"] for constraint in found}
+
+    return asyncio.run(names())
+
+
+def test_the_check_constraints_are_those_of_the_table_definitions(
+    empty_database_url: str,
+) -> None:
+    # `alembic check` does not compare CHECK constraints: compared here, by name.
+    upgrade_to_head(empty_database_url)
+    declared = {
+        str(constraint.name)
+        for constraint in outbox.constraints
+        if isinstance(constraint, CheckConstraint)
+    }
+    assert len(declared) == 9
+    assert _check_constraints(empty_database_url) == declared
+
+
+# Rows of every status as the relay writes them, then rows as SQL written by hand could leave
+# them: each of the latter breaks one of migration 0006's constraints.
+_ROW_COLUMNS = (
+    "dedup_key, message_id, source, resource, event, ordering_key, occurred_at, received_at,"
+    " last_received_at, payload, status, attempts, next_attempt_at, last_error, claimed_by,"
+    " claimed_until, delivered_at"
+)
+_RECEIVED = "2026-01-01 00:00:00"
+_STATES = {
+    # name: (status, attempts, next_attempt_at, last_error, claimed_by, claimed_until,
+    #        delivered_at)
+    "pending": ("pending", 0, _RECEIVED, None, None, None, None),
+    "retrying": ("pending", 2, "2026-01-01 00:01:00", "Segment answered 503", None, None, None),
+    "delivering": ("delivering", 0, _RECEIVED, None, "vm:1:ab", "2026-01-01 00:02:00", None),
+    "delivered": ("delivered", 1, None, None, None, None, "2026-01-01 00:00:07"),
+    "dead": ("dead", 1, None, "Segment refused the message with 400", None, None, None),
+    "skipped": ("skipped", 0, None, "filtered: event not forwarded", None, None, None),
+    "requeued delivered": ("pending", 1, _RECEIVED, "requeued", None, None, "2026-01-01 00:00:07"),
+    # Made by hand:
+    "pending, never due": ("pending", 0, None, None, None, None, None),
+    "delivering, no expiry": ("delivering", 0, _RECEIVED, None, "vm:1:ab", None, None),
+    "delivering, no owner": ("delivering", 0, None, None, None, "2026-01-01 00:02:00", None),
+    "delivering, never due": ("delivering", 0, None, None, "vm:1:ab", "2026-01-01 00:02:00", None),
+    "pending, lease left": ("pending", 0, _RECEIVED, None, "vm:1:ab", "2026-01-01 00:02:00", None),
+    "delivered, no time": ("delivered", 1, None, None, None, None, None),
+    "dead, no reason": ("dead", 1, None, None, None, None, None),
+    "skipped, no reason": ("skipped", 0, None, None, None, None, None),
+    "negative attempts": ("pending", -3, _RECEIVED, None, None, None, None),
+}
+_MADE_BY_HAND = list(_STATES)[7:]
+
+
+def _key(name: str) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()
+
+
+def _insert_state(name: str, key: str | None = None) -> str:
+    key = key or _key(name)
+    values = (
+        key, f"aircall-{key}", "default", "call", "call.hungup", f"call:{len(name)}", _RECEIVED,
+        _RECEIVED, _RECEIVED, "{}", *_STATES[name],
+    )  # fmt: skip
+    literals = ", ".join(
+        "NULL" if value is None else str(value) if isinstance(value, int) else f"'{value}'"
+        for value in values
+    )
+    return f"INSERT INTO outbox ({_ROW_COLUMNS}) VALUES ({literals})"
+
+
+def _rows_by_state(url: str) -> dict[str, dict[str, object]]:
+    by_key = {_key(name): name for name in _STATES}
+    columns = "id, status, attempts, next_attempt_at, last_error, claimed_by, claimed_until,"
+    rows = fetch_all(url, f"SELECT dedup_key, {columns} delivered_at FROM outbox")
+    return {by_key.get(key, key): row for row in rows if (key := row.pop("dedup_key"))}
+
+
+def test_0006_mends_rows_made_by_hand_then_refuses_them_and_keeps_every_row(
+    empty_database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = empty_database_url
+    command.upgrade(alembic_config(url), "0005")
+    _execute(url, *(_insert_state(name) for name in _STATES), _outbox_row("z" * 64))
+    # The newest row was purged: the next receipt id must still come after it.
+    _execute(url, "DELETE FROM outbox WHERE dedup_key = '" + "z" * 64 + "'")
+    before = _rows_by_state(url)
+    indexes = _outbox_indexes(url)
+
+    with caplog.at_level(logging.WARNING, logger="relay_migrations"):
+        command.upgrade(alembic_config(url), "0006")
+
+    after = _rows_by_state(url)
+    assert after.keys() == before.keys()
+    # The relay's own rows are untouched, ids included.
+    for name in list(_STATES)[:7]:
+        assert after[name] == before[name], name
+    # Each row made by hand is mended in the way that loses nothing.
+    mended = {name: after[name] for name in _MADE_BY_HAND}
+    assert mended["pending, never due"]["next_attempt_at"] is not None
+    # Its lease expiring gives it back to pending as it is: it must be due then.
+    assert mended["delivering, never due"]["next_attempt_at"] is not None
+    assert mended["delivering, never due"]["claimed_by"] == "vm:1:ab"
+    for name in ("delivering, no expiry", "delivering, no owner"):
+        assert mended[name]["status"] == "pending"  # given back: sent again, same messageId
+        assert mended[name]["next_attempt_at"] is not None
+        assert mended[name]["claimed_by"] is None and mended[name]["claimed_until"] is None
+    assert mended["pending, lease left"]["claimed_by"] is None
+    assert mended["pending, lease left"]["claimed_until"] is None
+    assert mended["delivered, no time"]["delivered_at"] is not None
+    assert mended["dead, no reason"]["last_error"] == (
+        "dead before migration 0006, reason not recorded"
+    )
+    assert mended["skipped, no reason"]["last_error"] == (
+        "skipped before migration 0006, reason not recorded"
+    )
+    assert mended["negative attempts"]["attempts"] == 0
+    warnings = [record.getMessage() for record in caplog.records]
+    assert (
+        "migration 0006 mended 2 row(s): delivering without a whole lease, given back as pending"
+        in warnings
+    )
+    assert len(warnings) == 6, warnings
+    # Nothing else changed: indexes (the partial one too), views, the receipt counter.
+    assert _outbox_indexes(url) == indexes
+    assert fetch_all(url, "SELECT count(*) AS n FROM outbox_dead") == [{"n": 2}]
+    assert [row["call_id"] for row in fetch_all(url, "SELECT * FROM calls_awaiting_call_ended")]
+    _execute(url, _insert_state("pending", key="c" * 64))
+    [new] = fetch_all(url, "SELECT id FROM outbox WHERE dedup_key = '" + "c" * 64 + "'")
+    assert new["id"] == len(_STATES) + 2
+    # Now the database refuses such rows: here a pending row that would never be due.
+    never_due = "UPDATE outbox SET next_attempt_at = NULL WHERE dedup_key = '" + "c" * 64 + "'"
+    with pytest.raises(Exception, match="ck_outbox_pending_or_delivering_has_next_attempt_at"):
+        _execute(url, never_due)
+
+    command.downgrade(alembic_config(url), "0005")
+    assert _check_constraints(url) == {"ck_outbox_status", "ck_outbox_received_count"}
+    assert _outbox_indexes(url) == indexes
+    assert _rows_by_state(url).keys() == {*after, "c" * 64}
+    assert fetch_all(url, "SELECT count(*) AS n FROM outbox_dead") == [{"n": 2}]
+    _execute(url, never_due)  # accepted at 0005, and mended by the next upgrade
+    command.upgrade(alembic_config(url), "head")
+    assert len(_check_constraints(url)) == 9
+    [row] = fetch_all(
+        url, "SELECT next_attempt_at FROM outbox WHERE dedup_key = '" + "c" * 64 + "'"
+    )
+    assert row["next_attempt_at"] is not None
