@@ -375,6 +375,9 @@ async def fill(
             await store.insert_events(rows[start : start + batch])
         if delivered > 0:
             async with engine.begin() as connection:
+                if database_url.startswith("postgresql"):
+                    # One UPDATE of the whole history may outlast the relay's statement timeout.
+                    await connection.execute(text("SET LOCAL statement_timeout = 0"))
                 ids = (
                     await connection.execute(
                         text("SELECT id FROM outbox ORDER BY id LIMIT :n"), {"n": delivered}

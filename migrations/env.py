@@ -43,7 +43,10 @@ def _run(connection: Connection) -> None:
 
 
 async def _run_async() -> None:
-    engine = create_engine(_database_url())
+    # No statement timeout: a migration may rightly scan or copy a large outbox. Waiting for a
+    # lock stays bounded (`lock_timeout`), so a migration that meets a running relay fails
+    # rather than stall it.
+    engine = create_engine(_database_url(), statement_timeout_seconds=None)
     try:
         async with writer(engine).connect() as connection:
             await connection.run_sync(_run)

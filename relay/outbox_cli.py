@@ -140,7 +140,11 @@ def add_copy_command(actions: Any) -> None:
 
 def run_outbox_command(args: argparse.Namespace, settings: Settings) -> int:
     async def main() -> int:
-        engine = create_engine(settings.database_url, settings.database_timeout_seconds)
+        # No statement timeout: a requeue or the stats of a large outbox may rightly take long,
+        # and the person or timer running the command is the one waiting for it.
+        engine = create_engine(
+            settings.database_url, settings.database_timeout_seconds, statement_timeout_seconds=None
+        )
         try:
             handler = args.outbox_handler
             code: int = await handler(args, OutboxInspector(engine), settings)
@@ -278,7 +282,9 @@ async def _purge(args: argparse.Namespace, inspector: OutboxInspector, settings:
 
 async def _copy(args: argparse.Namespace, inspector: OutboxInspector, settings: Settings) -> int:
     source = create_engine(
-        normalise_database_url(args.source_url), settings.database_timeout_seconds
+        normalise_database_url(args.source_url),
+        settings.database_timeout_seconds,
+        statement_timeout_seconds=None,
     )
     try:
         result = await copy_outbox(source, inspector.engine, batch_size=args.batch_size)

@@ -27,6 +27,15 @@ SQLITE_IMMEDIATE = "relay_sqlite_immediate"
 # Execution option recording a SQLite engine's busy timeout, for `sqlite_writer_connector`.
 SQLITE_BUSY_TIMEOUT_MS = "relay_sqlite_busy_timeout_ms"
 
+# PostgreSQL's `statement_timeout` for the relay's own work (`serve`, `drain`, `run`, `check`):
+# the server cancels a statement that runs longer, and the relay handles that like any other
+# database error (the receiver answers 503, the drainer claims or records again). Its
+# statements take milliseconds (a claim of 600 rows, a batch of 255 webhooks, a purge batch of
+# 1,000 rows); this only ends one that is stuck, before a drainer's lease (60 s by default)
+# runs out under it or a stop waits on it. `migrate` and the `outbox` commands pass None: a
+# migration, a requeue or the stats of a large outbox may rightly take longer.
+STATEMENT_TIMEOUT_SECONDS = 30.0
+
 
 def is_sqlite(url: str) -> bool:
     return normalise_database_url(url).startswith("sqlite")
@@ -40,11 +49,19 @@ def sqlite_path(url: str) -> Path | None:
     return Path(database)
 
 
-def create_engine(url: str, timeout_seconds: float = 2.0, pool_size: int = 5) -> AsyncEngine:
+def create_engine(
+    url: str,
+    timeout_seconds: float = 2.0,
+    pool_size: int = 5,
+    statement_timeout_seconds: float | None = STATEMENT_TIMEOUT_SECONDS,
+) -> AsyncEngine:
+    """An engine for `url`. On PostgreSQL, `timeout_seconds` bounds connecting, waiting for a
+    pooled connection and waiting for a lock; `statement_timeout_seconds` bounds a statement
+    (None: no limit). SQLite waits at most `timeout_seconds` for its write lock."""
     url = normalise_database_url(url)
     if is_sqlite(url):
         return _create_sqlite_engine(url, timeout_seconds)
-    return _create_postgresql_engine(url, timeout_seconds, pool_size)
+    return _create_postgresql_engine(url, timeout_seconds, pool_size, statement_timeout_seconds)
 
 
 def _create_sqlite_engine(url: str, timeout_seconds: float) -> AsyncEngine:
@@ -117,8 +134,13 @@ def sqlite_writer_connector(engine: AsyncEngine) -> Callable[[], sqlite3.Connect
     return connect
 
 
-def _create_postgresql_engine(url: str, timeout_seconds: float, pool_size: int) -> AsyncEngine:
+def _create_postgresql_engine(
+    url: str, timeout_seconds: float, pool_size: int, statement_timeout_seconds: float | None
+) -> AsyncEngine:
     lock_timeout_ms = int(timeout_seconds * 1000)
+    # 0 is PostgreSQL's "no limit", said explicitly so that a limit set on the role or the
+    # database does not cut a migration short.
+    statement_timeout_ms = int((statement_timeout_seconds or 0) * 1000)
     return create_async_engine(
         url,
         pool_size=pool_size,
@@ -130,6 +152,7 @@ def _create_postgresql_engine(url: str, timeout_seconds: float, pool_size: int) 
             "timeout": timeout_seconds,
             "server_settings": {
                 "lock_timeout": str(lock_timeout_ms),
+                "statement_timeout": str(statement_timeout_ms),
                 # A crashed client must never hold row locks for long.
                 "idle_in_transaction_session_timeout": "60000",
                 "application_name": "aircall-relay",
