@@ -11,16 +11,6 @@ from relay.settings import AircallToken, Secret, Settings
 from tests.support import SAMPLE_TOKEN, SECOND_TOKEN, DatabaseFactory, OutboxDatabase
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    # Registered here rather than with the others in pyproject.toml, whose every change makes
-    # `dev.py` rebuild the virtualenv.
-    config.addinivalue_line(
-        "markers",
-        "restarts_postgres: stops and starts the local PostgreSQL server in the middle of the "
-        "test (deselect with -m 'not restarts_postgres' while others use that server)",
-    )
-
-
 @pytest.fixture(scope="session")
 def database_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DatabaseFactory]:
     factory = DatabaseFactory(tmp_path_factory.mktemp("templates"))

@@ -11,8 +11,9 @@ injects faults.
   `Retry-After` while it is down (and nothing else but 200), the poster retries like Aircall, the
   drainers reconnect by themselves, and every webhook answered 200 is delivered once.
 
-The second test stops and starts the local server (`pg_ctlcluster`), so it is marked
-`restarts_postgres`: deselect it with `-m "not restarts_postgres"` while others use that server.
+The second test stops and starts a PostgreSQL server of its own: a throw-away cluster it creates
+in a temporary folder (`initdb`, `pg_ctl`) and removes at the end, whatever the outcome
+(`tests/acceptance/postgres_cluster.py`). The machine's server is never touched.
 """
 
 from __future__ import annotations
@@ -20,14 +21,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
-import getpass
 import http.client
 import json
-import os
 import random
-import shutil
 import signal
-import subprocess
 import threading
 import time
 from collections import Counter, deque
@@ -38,10 +35,11 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy.engine import make_url
 
 from relay import aircall
+from relay.db.migrate import upgrade_to_head
 from relay.testing import ChaosEntry, FakeSegment, Fault, SourceConfig
+from tests.acceptance.postgres_cluster import ThrowawayCluster
 from tests.acceptance.processes import RelayProcess, held_by, relay_env, statuses, wait_until
 from tests.support import (
     POSTGRES_ADMIN_URL,
@@ -53,6 +51,7 @@ from tests.support import (
     assert_first_accepted_in_order,
     assert_resends_are_copies,
     fetch_all_async,
+    postgres_unavailable_reason,
     sample,
 )
 
@@ -559,73 +558,31 @@ def test_two_receivers_three_drainers_sigkilled_at_random_deliver_everything_onc
 # --- PostgreSQL restarted under traffic ---------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class LocalCluster:
-    """A PostgreSQL cluster of this machine that `pg_ctlcluster` controls."""
-
-    version: str
-    name: str
-    port: int
-
-    def _ctl(self, action: str) -> subprocess.CompletedProcess[str]:
-        command = ["pg_ctlcluster", "--skip-systemctl-redirect", self.version, self.name, action]
-        return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
-
-    def online(self) -> bool:
-        return cluster_status(self.version, self.name) == "online"
-
-    def stop(self) -> None:
-        result = self._ctl("stop")
-        assert result.returncode == 0, f"pg_ctlcluster stop: {result.stdout}{result.stderr}"
-
-    def ensure_started(self, timeout: float = 60) -> None:
-        """Start the server if it is down, and wait until it accepts connections."""
-        if not self.online():
-            result = self._ctl("start")
-            if result.returncode != 0 and not self.online():
-                raise AssertionError(f"pg_ctlcluster start: {result.stdout}{result.stderr}")
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                asyncio.run(fetch_all_async(POSTGRES_ADMIN_URL, "SELECT 1"))
-                return
-            except Exception as error:
-                if time.monotonic() > deadline:
-                    raise AssertionError(
-                        f"PostgreSQL not accepting connections: {error!r}"
-                    ) from error
-                time.sleep(0.2)
+@pytest.fixture
+def own_postgres() -> Iterator[ThrowawayCluster]:
+    """A PostgreSQL server of this test's own, started, and removed after it."""
+    cluster = ThrowawayCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.remove()
 
 
-def cluster_status(version: str, name: str) -> str | None:
-    for line in _clusters():
-        if line[0] == version and line[1] == name:
-            return line[3]
-    return None
+def machine_server_started() -> datetime | None:
+    """When the machine's PostgreSQL (the other tests' server) last started; None without one."""
+    if postgres_unavailable_reason() is not None:
+        return None
+    sql = "SELECT pg_postmaster_start_time() AS started"
+    [row] = asyncio.run(fetch_all_async(POSTGRES_ADMIN_URL, sql))
+    started: datetime = row["started"]
+    return started
 
 
-def _clusters() -> list[list[str]]:
-    result = subprocess.run(
-        ["pg_lsclusters", "--no-header"], capture_output=True, text=True, timeout=30, check=False
-    )
-    return [line.split() for line in result.stdout.splitlines() if len(line.split()) >= 5]
-
-
-def local_cluster() -> LocalCluster:
-    """The cluster serving the test server, or skip: it must be on this machine, and ours to
-    restart."""
-    url = make_url(POSTGRES_ADMIN_URL)
-    host, port = url.host or "localhost", url.port or 5432
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        pytest.skip(f"the test server ({host}) is not on this machine: it cannot be restarted here")
-    if shutil.which("pg_ctlcluster") is None or shutil.which("pg_lsclusters") is None:
-        pytest.skip("no pg_ctlcluster here: the PostgreSQL server cannot be restarted by the test")
-    for version, name, cluster_port, status, owner, *_ in _clusters():
-        if cluster_port == str(port) and status == "online":
-            if os.geteuid() != 0 and getpass.getuser() != owner:
-                pytest.skip(f"cluster {version}/{name} belongs to {owner}: not ours to restart")
-            return LocalCluster(version, name, port)
-    pytest.skip(f"no local cluster online on port {port} (pg_lsclusters): cannot restart it")
+def migrated_database(cluster: ThrowawayCluster) -> OutboxDatabase:
+    """The cluster's own `postgres` database, migrated: the whole cluster is the test's."""
+    upgrade_to_head(cluster.url)
+    return OutboxDatabase("postgresql", cluster.url)
 
 
 RESTART_CALLS = 100
@@ -635,12 +592,12 @@ DOWN_SECONDS = 2.5
 
 @pytest.mark.postgres
 @pytest.mark.slow
-@pytest.mark.restarts_postgres
 def test_postgres_restart_under_traffic_gives_503s_then_everything_is_delivered_once(
-    postgres_database: OutboxDatabase, fake: FakeSegment
+    own_postgres: ThrowawayCluster, fake: FakeSegment
 ) -> None:
-    database = postgres_database
-    cluster = local_cluster()
+    cluster = own_postgres
+    database = migrated_database(cluster)
+    machine_server = machine_server_started()
     calls = build_calls(RESTART_CALLS, first_call=7_200_000_000, seed=516)
     total = RESTART_CALLS * EVENTS_PER_CALL
 
@@ -665,7 +622,7 @@ def test_postgres_restart_under_traffic_gives_503s_then_everything_is_delivered_
                 try:
                     time.sleep(DOWN_SECONDS)
                 finally:
-                    cluster.ensure_started()
+                    cluster.start()
                 back_at = datetime.now(UTC)
             finally:
                 log = posting.result(timeout=300)
@@ -680,7 +637,6 @@ def test_postgres_restart_under_traffic_gives_503s_then_everything_is_delivered_
         pool.stop()
         stop_receivers(receivers)
     finally:
-        cluster.ensure_started()  # whatever happened, the server is up for the tests after this
         pool.close()
         for receiver in receivers:
             receiver.stop()
@@ -710,3 +666,5 @@ def test_postgres_restart_under_traffic_gives_503s_then_everything_is_delivered_
     # Both drainers (the same processes as before the restart) delivered after it.
     after = deliveries_by_drainer(database, since=back_at)
     assert {int(owner.split(":")[1]) for owner in after} == {d.pid for d in pool.running}, report
+    # Only the test's own server went down: the machine's ran all along.
+    assert machine_server_started() == machine_server
