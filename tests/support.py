@@ -94,13 +94,7 @@ def require_postgres() -> None:
 
 
 async def _admin(*statements: str) -> None:
-    engine = create_async_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    try:
-        async with engine.connect() as connection:
-            for statement in statements:
-                await connection.execute(text(statement))
-    finally:
-        await engine.dispose()
+    await execute_async(POSTGRES_ADMIN_URL, *statements, autocommit=True)
 
 
 def postgres_url(database: str) -> str:
@@ -135,6 +129,19 @@ async def fetch_all_async(url: str, sql: str, **params: Any) -> list[dict[str, A
 
 def fetch_all(url: str, sql: str, **params: Any) -> list[dict[str, Any]]:
     return asyncio.run(fetch_all_async(url, sql, **params))
+
+
+async def execute_async(url: str, *statements: str, autocommit: bool = False) -> None:
+    """Run SQL `statements` in one transaction, as a person at a SQL prompt would (`autocommit`:
+    each on its own, for those that cannot run in a transaction, such as CREATE DATABASE)."""
+    options: dict[str, Any] = {"isolation_level": "AUTOCOMMIT"} if autocommit else {}
+    engine = create_async_engine(normalise_database_url(url), **options)
+    try:
+        async with engine.begin() as connection:
+            for statement in statements:
+                await connection.execute(text(statement))
+    finally:
+        await engine.dispose()
 
 
 def count_rows(url: str, table: str = "outbox") -> int:

@@ -24,7 +24,7 @@ from relay.segment import MappingOptions
 from relay.testing import FakeSegment, SourceConfig
 from tests.conftest import make_settings
 from tests.integration.test_drainer import FAST, WRITE_KEY, draining
-from tests.support import OutboxDatabase, incoming_event
+from tests.support import OutboxDatabase, execute_async, incoming_event
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
 
@@ -74,20 +74,10 @@ async def test_a_statement_over_the_limit_is_cancelled_by_the_server(
         await engine.dispose()
 
 
-async def _admin(database: OutboxDatabase, *statements: str) -> None:
-    engine = create_engine(database.url)
-    try:
-        async with engine.begin() as connection:
-            for statement in statements:
-                await connection.execute(text(statement))
-    finally:
-        await engine.dispose()
-
-
 async def make_slow(database: OutboxDatabase, operation: str) -> None:
     """From now on, every `operation` (INSERT, UPDATE) of an outbox row takes 2 s."""
-    await _admin(
-        database,
+    await execute_async(
+        database.url,
         "CREATE FUNCTION relay_test_slow() RETURNS trigger LANGUAGE plpgsql AS"
         " $$ BEGIN PERFORM pg_sleep(2); RETURN NEW; END $$",
         f"CREATE TRIGGER relay_test_slow BEFORE {operation} ON outbox"
@@ -96,8 +86,8 @@ async def make_slow(database: OutboxDatabase, operation: str) -> None:
 
 
 async def make_fast(database: OutboxDatabase) -> None:
-    await _admin(
-        database, "DROP TRIGGER relay_test_slow ON outbox", "DROP FUNCTION relay_test_slow()"
+    await execute_async(
+        database.url, "DROP TRIGGER relay_test_slow ON outbox", "DROP FUNCTION relay_test_slow()"
     )
 
 

@@ -10,12 +10,11 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import text
 
 from relay.db.delivery import DeadRows, DeliveryStore, RequestRecord
 from relay.db.engine import create_engine
 from relay.db.store import OutboxStore
-from tests.support import ROOT, OutboxDatabase, incoming_event
+from tests.support import ROOT, OutboxDatabase, execute_async, incoming_event
 
 pytestmark = pytest.mark.anyio
 
@@ -79,15 +78,6 @@ async def rows(database: OutboxDatabase) -> Rows:
     return Rows(database, ids)
 
 
-async def _execute(database: OutboxDatabase, sql: str) -> None:
-    engine = create_engine(database.url)
-    try:
-        async with engine.begin() as connection:
-            await connection.execute(text(sql))
-    finally:
-        await engine.dispose()
-
-
 # (the row's state, what SQL written by hand does to it, the constraint that refuses it)
 REFUSED = [
     ("pending", "next_attempt_at = NULL", "ck_outbox_pending_or_delivering_has_next_attempt_at"),
@@ -119,7 +109,9 @@ async def test_an_update_that_breaks_a_row_state_is_refused_and_changes_nothing(
 ) -> None:
     before = await rows.database.rows_async()
     with pytest.raises(sa_exc.IntegrityError, match=constraint):
-        await _execute(rows.database, f"UPDATE outbox SET {change} WHERE id = {rows.ids[state]}")
+        await execute_async(
+            rows.database.url, f"UPDATE outbox SET {change} WHERE id = {rows.ids[state]}"
+        )
     assert await rows.database.rows_async() == before
 
 
@@ -134,8 +126,8 @@ async def test_an_insert_of_a_pending_row_that_is_never_due_is_refused(rows: Row
     with pytest.raises(
         sa_exc.IntegrityError, match="ck_outbox_pending_or_delivering_has_next_attempt_at"
     ):
-        await _execute(
-            rows.database,
+        await execute_async(
+            rows.database.url,
             f"INSERT INTO outbox ({', '.join(columns)}, occurred_at, received_at,"
             f" last_received_at, status) VALUES ({values}, '{now}', '{now}', '{now}', 'pending')",
         )
@@ -153,7 +145,7 @@ def _repairs() -> list[str]:
 
 async def test_the_hand_written_repairs_of_the_operations_guide_are_accepted(rows: Rows) -> None:
     for sql in _repairs():
-        await _execute(rows.database, sql)
+        await execute_async(rows.database.url, sql)
     statuses = await rows.database.rows_async("SELECT id, status FROM outbox ORDER BY id")
     # The row in flight is given back, the dead one is due again, the others are unchanged.
     assert {row["id"]: row["status"] for row in statuses} == {

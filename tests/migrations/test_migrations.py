@@ -16,7 +16,7 @@ from sqlalchemy import CheckConstraint, inspect, text
 from relay.db.engine import create_engine
 from relay.db.migrate import alembic_config, downgrade_to, head_revision, upgrade_to_head
 from relay.db.tables import outbox
-from tests.support import DatabaseFactory, fetch_all
+from tests.support import DatabaseFactory, execute_async, fetch_all
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -76,16 +76,7 @@ def test_sqlite_connections_are_wal_full_sync_with_busy_timeout(tmp_path: Path) 
 
 
 def _execute(url: str, *statements: str) -> None:
-    async def run() -> None:
-        engine = create_engine(url)
-        try:
-            async with engine.begin() as connection:
-                for statement in statements:
-                    await connection.execute(text(statement))
-        finally:
-            await engine.dispose()
-
-    asyncio.run(run())
+    asyncio.run(execute_async(url, *statements))
 
 
 def _outbox_row(dedup_key: str) -> str:
