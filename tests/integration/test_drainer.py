@@ -331,6 +331,31 @@ async def test_429_waits_for_retry_after_for_all_sending_and_resends_the_same_id
     assert any(row["last_http_status"] == 200 and row["attempts"] == 2 for row in rows)
 
 
+async def test_429_with_a_retry_after_date_in_zone_minus_0000_pauses_and_is_recorded(
+    relay: Relay, fake: FakeSegment
+) -> None:
+    """`Retry-After: <date> -0000` parsed as a naive datetime made the wait a TypeError: no
+    pause, no request record, and the rows waited for their lease (issue 10, fault 5)."""
+    until = (datetime.now(UTC) + timedelta(seconds=3)).replace(microsecond=0)
+    fake.inject(
+        Fault.status(429, headers={"Retry-After": until.strftime("%a, %d %b %Y %H:%M:%S -0000")})
+    )
+    async with draining(relay.drainer()):
+        await relay.receive(*_call_bodies(1))
+        await relay.wait_accepted(3, within=FAST.lease_seconds / 2)
+    log = fake.requests()
+    [limited] = [entry for entry in log if entry["status"] == 429]
+    after = [entry for entry in log if entry["seq"] > limited["seq"]]
+    assert after
+    for entry in after:  # nothing was sent before the date Segment gave
+        assert datetime.fromisoformat(entry["received_at"]) >= until - timedelta(seconds=0.05)
+    requests = await relay.rows("SELECT * FROM delivery_requests ORDER BY started_at")
+    assert [(request["http_status"], request["outcome"]) for request in requests] == [
+        (429, "rate_limited"),
+        (200, "delivered"),
+    ]
+
+
 async def test_a_rejected_batch_is_split_and_only_the_bad_message_goes_dead(
     database: OutboxDatabase,
 ) -> None:
