@@ -60,9 +60,14 @@ class ClaimedEvent(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class RetryRows:
+    """Rows back to `pending` until `next_attempt_at`. `failed_attempt`: the request failed to
+    deliver them (5xx, timeout, connection error) and counts in `attempts`; a 429 or a
+    configuration pause (401/403/404/405) judged the sender, not the rows, and does not."""
+
     ids: Sequence[int]
     next_attempt_at: datetime
     error: str
+    failed_attempt: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,7 +381,7 @@ class _Statements:
             .where(*_held_by_owner(dialect))
             .values(
                 status="pending",
-                attempts=outbox.c.attempts + 1,
+                attempts=outbox.c.attempts + _param("failed_attempt", outbox.c.attempts),
                 next_attempt_at=_param("next_attempt_at", outbox.c.next_attempt_at),
                 last_error=_param("error", outbox.c.last_error),
                 last_http_status=_param("http_status", outbox.c.last_http_status),
@@ -652,6 +657,7 @@ class DeliveryStore:
                 retry.ids,
                 {
                     "next_attempt_at": retry.next_attempt_at,
+                    "failed_attempt": int(retry.failed_attempt),
                     "error": retry.error,
                     "http_status": record.http_status,
                     "request": record.id,

@@ -504,7 +504,8 @@ class Drainer:
             self.metrics.rate_limited.inc()
             error = f"429 from Segment: waiting {wait:.1f} s for all sending"
             outcome = await self._finish(
-                record, retry=RetryRows(ids=ids, next_attempt_at=until, error=error)
+                record,
+                retry=RetryRows(ids=ids, next_attempt_at=until, error=error, failed_attempt=False),
             )
             self._account(outcome)
             log.warning(
@@ -524,7 +525,8 @@ class Drainer:
                 "RELAY_SEGMENT_BASE_URL; delivery paused, rows kept"
             )
             outcome = await self._finish(
-                record, retry=RetryRows(ids=ids, next_attempt_at=until, error=error)
+                record,
+                retry=RetryRows(ids=ids, next_attempt_at=until, error=error, failed_attempt=False),
             )
             self._account(outcome)
             log.error(

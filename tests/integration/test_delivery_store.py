@@ -248,6 +248,25 @@ async def test_finish_delivered_retry_and_dead(harness: Harness, database: Outbo
     assert await harness.claim(retry_at) == [("call:2", "call.created")]
 
 
+async def test_only_a_failed_attempt_counts_in_attempts(
+    harness: Harness, database: OutboxDatabase
+) -> None:
+    """A 429 or a configuration pause gives rows back without counting an attempt; a failed
+    delivery (5xx, timeout, connection error) counts one (issue 10, fault 5)."""
+    [row_id] = await harness.add(incoming("call.created", 1, 100, T0))
+    now = T0 + timedelta(seconds=6)
+    for status, failed in ((429, False), (401, False), (503, True)):
+        assert await harness.claim(now) == [("call:1", "call.created")]
+        retry = RetryRows(ids=[row_id], next_attempt_at=now, error="x", failed_attempt=failed)
+        outcome = await harness.delivery.finish(
+            "a", record([row_id], now, status, "x"), retry=retry
+        )
+        assert outcome.retried == 1
+        [row] = await database.rows_async()
+        assert (row["status"], row["last_http_status"]) == ("pending", status)
+        assert row["attempts"] == (1 if failed else 0)
+
+
 async def test_dead_rows_do_not_block_their_key(harness: Harness) -> None:
     first, _ = await harness.add(
         incoming("call.created", 1, 100, T0), incoming("call.answered", 1, 105, T0)

@@ -328,7 +328,9 @@ async def test_429_waits_for_retry_after_for_all_sending_and_resends_the_same_id
     sent_at = {entry["decoded_body"]["sentAt"] for entry in [limited, *after]}
     assert len(sent_at) == 1 + len(after)  # sentAt is fresh on every attempt
     rows = await relay.rows()
-    assert any(row["last_http_status"] == 200 and row["attempts"] == 2 for row in rows)
+    # The 429 judged the sender, not the rows: only the delivery counts as an attempt.
+    assert any(row["last_http_status"] == 200 for row in rows)
+    assert {row["attempts"] for row in rows} == {1}
 
 
 async def test_429_with_a_retry_after_date_in_zone_minus_0000_pauses_and_is_recorded(
@@ -397,8 +399,34 @@ async def test_401_pauses_delivery_and_keeps_the_rows(database: OutboxDatabase) 
         rows = await relay.rows()
         assert {row["status"] for row in rows} == {"pending"}
         assert {row["last_http_status"] for row in rows} == {401}
+        assert {row["attempts"] for row in rows} == {0}  # a pause is no failed attempt
         assert "RELAY_SEGMENT_WRITE_KEY" in rows[0]["last_error"]
         assert fake.accepted() == []
+
+
+async def test_pauses_and_429s_do_not_use_up_max_attempts(relay: Relay, fake: FakeSegment) -> None:
+    """With RELAY_MAX_ATTEMPTS=2, configuration pauses (a wrong write key for a while) and 429s
+    used to count, and the first 5xx after them killed the rows (issue 10, fault 5). Only
+    failed deliveries count: one 5xx, then the delivery, is two attempts."""
+    for fault in (
+        Fault.status(401),
+        Fault.rate_limited(0),
+        Fault.status(403),
+        Fault.rate_limited(0),
+        Fault.status(503),
+    ):
+        fake.inject(fault)
+    relay.config = replace(FAST, max_attempts=2, configuration_retry_seconds=0.2)
+    bodies = _call_bodies(1)
+    async with draining(relay.drainer()) as drainer:
+        await relay.receive(*bodies)
+        await relay.wait_settled(len(bodies))
+    rows = await relay.rows()
+    assert {row["status"] for row in rows} == {"delivered"}
+    assert {row["attempts"] for row in rows} == {2}
+    assert drainer.summary.dead == 0
+    requests = await relay.rows("SELECT * FROM delivery_requests ORDER BY started_at")
+    assert [request["http_status"] for request in requests] == [401, 429, 403, 429, 503, 200]
 
 
 async def test_unsendable_events_go_dead_without_being_sent(
