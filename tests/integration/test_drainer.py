@@ -73,13 +73,27 @@ class Relay:
         self.outbox = OutboxStore(self.engine)
         self.delivery = DeliveryStore(self.engine)
 
-    def drainer(self, write_key: str = WRITE_KEY, timeout_seconds: float = 5.0) -> Drainer:
+    def drainer(
+        self,
+        write_key: str = WRITE_KEY,
+        timeout_seconds: float = 5.0,
+        clock_off_by: timedelta = timedelta(0),
+    ) -> Drainer:
+        """A drainer of its own (its own store); `clock_off_by`: its host's clock is that far
+        ahead (or behind, if negative)."""
         sender = SegmentSender(self.fake.base_url, write_key, timeout_seconds, max_connections=8)
-        return Drainer(self.delivery, sender, self.config, MappingOptions())
+        return Drainer(
+            DeliveryStore(self.engine),
+            sender,
+            self.config,
+            MappingOptions(),
+            clock=lambda: datetime.now(UTC) + clock_off_by,
+        )
 
     async def receive(self, *bodies: dict[str, Any], received_at: datetime | None = None) -> None:
-        now = received_at or datetime.now(UTC)
-        await self.outbox.insert_events([incoming(body, now) for body in bodies])
+        """Store `bodies` as the receiver does; `received_at` None: stamped by the write, on the
+        database's clock."""
+        await self.outbox.insert_events([incoming(body, received_at) for body in bodies])
 
     async def wait_accepted(self, count: int, within: float = 30) -> None:
         await anyio.to_thread.run_sync(
@@ -262,6 +276,60 @@ async def test_a_duplicate_webhook_is_sent_once(relay: Relay, fake: FakeSegment)
     assert fake.stats()["duplicates"] == 0
     [row] = await relay.rows()
     assert row["received_count"] == 2
+
+
+# --- clocks -------------------------------------------------------------------------------------
+
+
+CLOCK_OFF_BY = timedelta(seconds=120)  # more than the settle window and the lease (30 s)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("direction", [1, -1], ids=["ahead", "behind"])
+async def test_a_drainer_whose_clock_is_off_settles_on_the_database_clock(
+    postgres_database: OutboxDatabase, fake: FakeSegment, direction: int
+) -> None:
+    """On PostgreSQL the settle window is measured on the database's clock: a drainer whose
+    clock is ahead takes nothing early, one whose clock is behind is not held back (issue 10,
+    fault 6: each used its own clock, and took rows early or minutes late)."""
+    settle = 1.0
+    relay = Relay(postgres_database, fake, replace(FAST, settle_seconds=settle))
+    bodies = _call_bodies(1)
+    async with draining(relay.drainer(clock_off_by=direction * CLOCK_OFF_BY)):
+        received = datetime.now(UTC)  # this host's clock is the database's
+        await relay.receive(*bodies, received_at=received)
+        await relay.wait_accepted(len(bodies), within=15)
+    await relay.engine.dispose()
+    for entry in fake.requests():
+        sent = datetime.fromisoformat(entry["received_at"])
+        assert sent - received >= timedelta(seconds=settle - 0.05)
+    fake.assert_no_duplicates()
+
+
+@pytest.mark.postgres
+async def test_a_drainer_whose_clock_is_ahead_steals_no_live_lease(
+    postgres_database: OutboxDatabase, fake: FakeSegment
+) -> None:
+    """On PostgreSQL a lease's end is the database's clock plus the lease, and its expiry is
+    checked on the same clock: a drainer whose clock is two minutes ahead does not take the
+    rows of a drainer whose request is in flight (issue 10, fault 6)."""
+    relay = Relay(postgres_database, fake, FAST)
+    fake.inject(Fault.latency(3000, accept="after_accept"))  # the first answer takes 3 s
+    bodies = _call_bodies(1)
+    first = relay.drainer()
+    with structlog.testing.capture_logs() as logs:
+        async with draining(first):
+            await relay.receive(*bodies, received_at=datetime.now(UTC))
+            await relay.wait_accepted(len(bodies))  # accepted; the answer is still coming
+            async with draining(relay.drainer(clock_off_by=CLOCK_OFF_BY)):
+                await relay.wait_settled(len(bodies))
+                await anyio.sleep(1.5)  # it looks for expired leases once a second
+    await relay.engine.dispose()
+    fake.assert_no_duplicates()
+    assert len(fake.requests()) == 1
+    rows = await relay.rows("SELECT drainer, outcome FROM delivery_requests")
+    assert rows == [{"drainer": first.owner, "outcome": "delivered"}]
+    assert not [entry for entry in logs if entry["event"] == "lease_lost"]
 
 
 # --- what Segment answers -------------------------------------------------------------------
