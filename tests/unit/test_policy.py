@@ -159,6 +159,30 @@ HEADER_TEXT = st.one_of(
     st.from_regex(
         r"[A-Za-z]{3}, [0-9]{2} [A-Za-z]{3} [0-9]{2,4} [0-9]{2}:[0-9]{2}:[0-9]{2} .{0,6}"
     ),
+    # Nearly dates: real day and month names, any numbers, any zone (or none).
+    st.builds(
+        "{}, {:02d} {} {} {:02d}:{:02d}:{:02d}{}".format,
+        st.sampled_from(["Mon", "Sunday", "xyz"]),
+        st.integers(0, 40),
+        st.sampled_from(["Jan", "Feb", "nov", "Foo"]),
+        st.integers(0, 12000),
+        st.integers(0, 99),
+        st.integers(0, 99),
+        st.integers(0, 99),
+        st.sampled_from(
+            ["", " GMT", " -0000", " +0000", " +0130", " -2359", " +9999", " UT", " x"]
+        ),
+    ),
+    st.builds(
+        "{} {} {:>2} {:02d}:{:02d}:{:02d} {}".format,
+        st.sampled_from(["Sun", "Mon"]),
+        st.sampled_from(["Nov", "Dec", "Foo"]),
+        st.integers(0, 40),
+        st.integers(0, 99),
+        st.integers(0, 99),
+        st.integers(0, 99),
+        st.integers(0, 12000),
+    ),
 )
 
 
