@@ -472,8 +472,9 @@ SPECS: Final[tuple[SettingSpec, ...]] = (
         "max_attempts",
         _integer(0),
         0,
-        "Attempts after which a transiently failing event goes `dead`; 0 (the default) never "
-        "gives up, so nothing transient kills an event.",
+        "Failed deliveries (5xx, timeout, connection error) after which an event goes `dead`; "
+        "a 429 or a configuration pause does not count. 0 (the default) never gives up, so "
+        "nothing transient kills an event.",
         group="drainer",
     ),
     SettingSpec(

@@ -9,6 +9,11 @@ deliverable now, so that one request can carry a call's settled events in order.
 
 On SQLite the claim runs in a `BEGIN IMMEDIATE` transaction (one writer at a time); on PostgreSQL
 heads are locked with `FOR UPDATE SKIP LOCKED`, so several drainers never claim the same key.
+
+Time (`_Clock`): on PostgreSQL every moment the statements compare or write (settled, due, a
+lease's end and its expiry, a retry's due time) is the database server's, so that drainers on
+hosts whose clocks disagree still agree on them; the caller gives durations. On SQLite every
+process is on one host, whose clock is the database's: the caller's moment is used.
 """
 
 from __future__ import annotations
@@ -60,9 +65,16 @@ class ClaimedEvent(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class RetryRows:
+    """Rows back to `pending`, due again `after` the request's end (`next_attempt_at`: on
+    PostgreSQL `after` the database's clock at the record, on SQLite `after` the request's
+    `finished_at`). `failed_attempt`: the request failed to deliver them (5xx, timeout,
+    connection error) and counts in `attempts`; a 429 or a configuration pause
+    (401/403/404/405) judged the sender, not the rows, and does not."""
+
     ids: Sequence[int]
-    next_attempt_at: datetime
+    after: timedelta
     error: str
+    failed_attempt: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +246,47 @@ def _held_by_owner(dialect: str) -> tuple[Any, ...]:
     )
 
 
+class _Clock:
+    """The moments the drainer's statements compare and write, as SQL.
+
+    PostgreSQL: the server's clock. The checks (is a row settled, due, its lease expired) read
+    `now()`, the start of the transaction: one moment for every check of a claim, and never
+    later than the real time, so a claim that waited for a lock decides as if earlier and
+    takes nothing early. The moments written (a lease's end, a retry's due time) are
+    `statement_timestamp()`, the start of the writing statement, plus a duration: a lease
+    lasts its full length from when it is taken, and every row of one statement gets the same
+    moment (`clock_timestamp()`, read row by row, would make a request's rows due microseconds
+    apart, and a claim between them would split the run). The durations are `interval`
+    parameters.
+
+    SQLite: parameters, the caller's moments (one host: its clock is the database's), as
+    cheap as before (no date arithmetic in SQL, and the claim's index choice unchanged).
+    """
+
+    def __init__(self, dialect: str) -> None:
+        self.database = dialect == "postgresql"
+
+    def now(self) -> Any:
+        """The moment the checks compare with (parameter `now`)."""
+        if self.database:
+            return sa.func.now()
+        return _param("now", outbox.c.next_attempt_at)
+
+    def settled_before(self) -> Any:
+        """Rows received at or before this are settled (parameter `settled_before`, or the
+        duration `settle`)."""
+        if self.database:
+            return sa.func.now() - sa.bindparam("settle", type_=sa.Interval())
+        return _param("settled_before", outbox.c.received_at)
+
+    def later(self, name: str) -> Any:
+        """A moment to write: the duration `name` from now on PostgreSQL; on SQLite, the
+        parameter `name` + `_at` (the moment, computed by the caller)."""
+        if self.database:
+            return sa.func.statement_timestamp() + sa.bindparam(name, type_=sa.Interval())
+        return _param(f"{name}_at", outbox.c.claimed_until)
+
+
 # A guard for whoever edits one and not the other:
 if tuple(column.name for column in _CLAIM_COLUMNS) != ClaimedEvent._fields:  # pragma: no cover
     raise RuntimeError("_CLAIM_COLUMNS must list ClaimedEvent's fields, in order")
@@ -246,12 +299,10 @@ class _Statements:
 
     def __init__(self, dialect: str) -> None:
         one = sa.literal_column("1", sa.Integer())
+        clock = _Clock(dialect)
         self.release_expired = (
             sa.update(outbox)
-            .where(
-                outbox.c.status == "delivering",
-                outbox.c.claimed_until < _param("now", outbox.c.claimed_until),
-            )
+            .where(outbox.c.status == "delivering", outbox.c.claimed_until < clock.now())
             .values(status="pending", claimed_by=None, claimed_until=None)
         )
 
@@ -282,9 +333,8 @@ class _Statements:
             .where(
                 candidate.c.status == "pending",
                 candidate.c.id > _param("after_id", outbox.c.id),
-                _not_indexed(candidate.c.next_attempt_at, dialect)
-                <= _param("now", outbox.c.next_attempt_at),
-                candidate.c.received_at <= _param("settled_before", outbox.c.received_at),
+                _not_indexed(candidate.c.next_attempt_at, dialect) <= clock.now(),
+                candidate.c.received_at <= clock.settled_before(),
                 ~in_flight,
                 ~earlier_pending,
             )
@@ -294,8 +344,8 @@ class _Statements:
         # A key's pending rows in delivery order, each saying whether it is deliverable now:
         # what planning a run needs, and nothing to convert (no payload, no dates).
         ready = sa.and_(
-            outbox.c.received_at <= _param("settled_before", outbox.c.received_at),
-            outbox.c.next_attempt_at <= _param("now", outbox.c.next_attempt_at),
+            outbox.c.received_at <= clock.settled_before(),
+            outbox.c.next_attempt_at <= clock.now(),
         )
         pending_of_keys = (
             sa.select(outbox.c.id, outbox.c.ordering_key, ready.label("ready"))
@@ -327,14 +377,14 @@ class _Statements:
             .values(
                 status="delivering",
                 claimed_by=_param("new_owner", outbox.c.claimed_by),
-                claimed_until=_param("lease_until", outbox.c.claimed_until),
+                claimed_until=clock.later("lease"),
             )
         )
 
         self.renew = (
             sa.update(outbox)
             .where(*_held_by_owner(dialect))
-            .values(claimed_until=_param("lease_until", outbox.c.claimed_until))
+            .values(claimed_until=clock.later("lease"))
         )
         self.release = (
             sa.update(outbox)
@@ -376,8 +426,8 @@ class _Statements:
             .where(*_held_by_owner(dialect))
             .values(
                 status="pending",
-                attempts=outbox.c.attempts + 1,
-                next_attempt_at=_param("next_attempt_at", outbox.c.next_attempt_at),
+                attempts=outbox.c.attempts + _param("failed_attempt", outbox.c.attempts),
+                next_attempt_at=clock.later("retry"),
                 last_error=_param("error", outbox.c.last_error),
                 last_http_status=_param("http_status", outbox.c.last_http_status),
                 request_id=_param("request", outbox.c.request_id),
@@ -448,13 +498,17 @@ class DeliveryStore:
         self,
         owner: str,
         now: datetime,
-        settled_before: datetime,
-        lease_until: datetime,
+        settle: timedelta,
+        lease: timedelta,
         max_events: int,
         max_per_key: int,
     ) -> list[ClaimedEvent]:
         """Claim deliverable runs of keys (each at most `max_per_key` events), `max_events` in
         all, returned in delivery order within each key, keys in order of their head's receipt.
+
+        Deliverable: due, and received at least `settle` ago; the lease lasts `lease`. Both are
+        measured on the database's clock on PostgreSQL, from `now` (the caller's clock) on
+        SQLite; `now` also paces the look for expired leases (`RELEASE_EXPIRED_EVERY`).
 
         Heads are read a page at a time, in order of receipt, and only as many pages as it takes
         to fill `max_events`; the runs behind them are planned from a few light columns, and
@@ -465,8 +519,8 @@ class DeliveryStore:
                 self._claim,
                 owner=owner,
                 now=now,
-                settled_before=settled_before,
-                lease_until=lease_until,
+                settle=settle,
+                lease=lease,
                 max_events=max_events,
                 max_per_key=max_per_key,
             )
@@ -478,16 +532,18 @@ class DeliveryStore:
         *,
         owner: str,
         now: datetime,
-        settled_before: datetime,
-        lease_until: datetime,
+        settle: timedelta,
+        lease: timedelta,
         max_events: int,
         max_per_key: int,
     ) -> list[ClaimedEvent]:
         statements = self._statements
+        # Every moment: `_Clock` takes the ones it needs (durations on PostgreSQL).
+        moments = {"now": now, "settled_before": now - settle, "settle": settle}
         # Rows of a drainer that died (or lost touch) go back to pending when the lease ends.
         last = self._released_expired_at
         if last is None or not timedelta(0) <= now - last < RELEASE_EXPIRED_EVERY:
-            connection.execute(statements.release_expired, {"now": now})
+            connection.execute(statements.release_expired, moments)
             self._released_expired_at = now
         planned: list[int] = []
         after = 0
@@ -496,14 +552,14 @@ class DeliveryStore:
             wanted = _heads_wanted(max_events - len(planned), heads_read, len(planned))
             heads = connection.execute(
                 statements.heads,
-                {"now": now, "settled_before": settled_before, "after_id": after, "limit": wanted},
+                {**moments, "after_id": after, "limit": wanted},
             ).all()
             heads_read += len(heads)
             if not heads:
                 break
             keys = [row.ordering_key for row in heads]
             by_key: dict[str, list[Any]] = {}
-            parameters = {"keys": keys, "now": now, "settled_before": settled_before}
+            parameters = {**moments, "keys": keys}
             for row in connection.execute(statements.pending_of_keys, parameters):
                 by_key.setdefault(row.ordering_key, []).append(row)
             for key in keys:
@@ -525,7 +581,8 @@ class DeliveryStore:
             for row in connection.execute(statements.claimed_rows, {"ids": planned})
         ]
         connection.execute(
-            statements.claim, {"ids": planned, "new_owner": owner, "lease_until": lease_until}
+            statements.claim,
+            {"ids": planned, "new_owner": owner, "lease": lease, "lease_at": now + lease},
         )
         position = {row_id: index for index, row_id in enumerate(planned)}
         claimed.sort(key=lambda event: position[event.id])
@@ -533,12 +590,17 @@ class DeliveryStore:
 
     # -- while in flight ---------------------------------------------------------------------
 
-    async def renew(self, owner: str, ids: Sequence[int], lease_until: datetime) -> int:
-        """Extend the lease of rows still held by `owner`; returns how many are still held."""
+    async def renew(self, owner: str, ids: Sequence[int], now: datetime, lease: timedelta) -> int:
+        """Extend the lease of rows still held by `owner` to `lease` from now (the database's
+        clock on PostgreSQL, `now` on SQLite); returns how many are still held."""
 
         def work(connection: sa.Connection) -> int:
             return self._update_held(
-                connection, self._statements.renew, owner, ids, {"lease_until": lease_until}
+                connection,
+                self._statements.renew,
+                owner,
+                ids,
+                {"lease": lease, "lease_at": now + lease},
             )
 
         return await self._write(work)
@@ -651,7 +713,9 @@ class DeliveryStore:
                 owner,
                 retry.ids,
                 {
-                    "next_attempt_at": retry.next_attempt_at,
+                    "retry": retry.after,
+                    "retry_at": record.finished_at + retry.after,
+                    "failed_attempt": int(retry.failed_attempt),
                     "error": retry.error,
                     "http_status": record.http_status,
                     "request": record.id,

@@ -166,8 +166,9 @@ class OutboxInspector:
         ).bindparams(ids=f"[{int(row_id)}]")
 
     async def requeue(self, where: EventFilter, now: datetime, dry_run: bool) -> int:
-        """Put rows back to `pending`, due now (dead, skipped or delivered rows only). On
-        PostgreSQL the commit also notifies the drainers (`relay/db/notify.py`)."""
+        """Put rows back to `pending`, due now (dead, skipped or delivered rows only; `now` is
+        this host's clock, used on SQLite: PostgreSQL uses its own). On PostgreSQL the commit
+        also notifies the drainers (`relay/db/notify.py`)."""
         statuses = where.statuses or ("dead",)
         invalid = set(statuses) - set(REQUEUABLE_STATUSES)
         if invalid:
@@ -194,7 +195,9 @@ class OutboxInspector:
                 .where(*clauses)
                 .values(
                     status="pending",
-                    next_attempt_at=now,
+                    # Due now: on PostgreSQL by the database's clock, which the drainers'
+                    # claims compare with (this host's may be off); on SQLite, one host.
+                    next_attempt_at=sa.func.now() if self.dialect == "postgresql" else now,
                     claimed_by=None,
                     claimed_until=None,
                     last_error=sa.literal("requeued by an operator (was ")

@@ -30,7 +30,13 @@ from relay.db.tables import outbox
 
 @dataclass(frozen=True, slots=True)
 class IncomingEvent:
-    """A webhook accepted by the receiver, ready to be written."""
+    """A webhook accepted by the receiver, ready to be written.
+
+    `received_at` None (the receiver's case): the moment the group commit writes it, on the
+    database's clock (PostgreSQL's `now()`, the start of the write's transaction; on SQLite,
+    the writing process's clock, which is the database's: one host). A given moment is kept
+    (tools and tests that write events received earlier).
+    """
 
     dedup_key: str
     message_id: str
@@ -40,7 +46,7 @@ class IncomingEvent:
     resource_id: str | None
     ordering_key: str
     occurred_at: datetime
-    received_at: datetime
+    received_at: datetime | None
     payload: dict[str, Any]
     forward: bool
     skip_reason: str | None = None
@@ -94,7 +100,8 @@ class OutboxStore:
             copies[item.dedup_key] = copies.get(item.dedup_key, 0) + 1
             first.setdefault(item.dedup_key, item)
         to_row = self._batch_insert.row
-        rows = [to_row(item, copies[key]) for key, item in first.items()]
+        written_at = self._batch_insert.written_at()
+        rows = [to_row(item, copies[key], written_at) for key, item in first.items()]
         keys = list(first)
         sqlite_writer = self._get_sqlite_writer()
         if sqlite_writer is not None:
@@ -274,14 +281,24 @@ class _BatchInsert:
             if _sqlite_moment(probe) != self._moment(probe):  # pragma: no cover - an upgrade
                 raise RuntimeError("SQLite's DATETIME text is not what _sqlite_moment writes")
             self._moment = _sqlite_moment
+        if dialect.name == "postgresql":
+            self.sql = _received_by_the_database_clock(self.sql)
         self._flag = _or_identity(processors["late"])
         self._not_late = self._flag(False)
         self._select_sql: dict[int, str] = {}
         self._insert_returning: dict[int, str] = {}
 
-    def row(self, item: IncomingEvent, copies: int) -> tuple[Any, ...]:
-        """The statement's parameters for one event, converted for the driver."""
-        received_at = self._moment(item.received_at)
+    def written_at(self) -> datetime | None:
+        """The receipt time of the events written now without one: on SQLite this process's
+        clock (the database's: one host); on PostgreSQL None, which the statement replaces
+        with the server's `now()`."""
+        return None if self.dialect_name == "postgresql" else datetime.now(UTC)
+
+    def row(self, item: IncomingEvent, copies: int, written_at: datetime | None) -> tuple[Any, ...]:
+        """The statement's parameters for one event, converted for the driver (`written_at`:
+        its receipt time if it has none)."""
+        received = item.received_at
+        received_at = self._moment(written_at if received is None else received)
         forward = item.forward
         return (
             item.dedup_key,
@@ -337,6 +354,30 @@ class _BatchInsert:
 # transaction back; running it again is safe.
 _RACE_SQLSTATES: Final = frozenset({"23505", "40P01"})
 _RACE_ATTEMPTS: Final = 3
+
+
+def _received_by_the_database_clock(sql: str) -> str:
+    """PostgreSQL's upsert, where a receipt time given as NULL is the server's `now()` (the
+    start of the transaction): `received_at`, `last_received_at`, and `next_attempt_at` of a
+    `pending` row (new rows are due at once, and wait for the settle window)."""
+
+    def parameter(column: str, kind: str = "TIMESTAMP WITH TIME ZONE") -> str:
+        return f"${_WRITTEN_COLUMNS.index(column) + 1}::{kind}"
+
+    replacements = {
+        parameter(column): f"COALESCE({parameter(column)}, now())"
+        for column in ("received_at", "last_received_at")
+    }
+    replacements[parameter("next_attempt_at")] = (
+        f"CASE WHEN {parameter('status', 'VARCHAR')} = 'pending' "
+        f"THEN COALESCE({parameter('next_attempt_at')}, now()) END"
+    )
+    head, values = sql.split(" VALUES ", 1)
+    for old, new in replacements.items():
+        if values.count(old + ",") != 1:  # pragma: no cover - a SQLAlchemy upgrade
+            raise RuntimeError(f"unexpected upsert for PostgreSQL: {old} not found once")
+        values = values.replace(old + ",", new + ",")
+    return f"{head} VALUES {values}"
 
 
 def _sqlstate(error: sa_exc.DBAPIError) -> str | None:

@@ -226,6 +226,7 @@ class Drainer:
         self.random = random
         self.summary = DrainSummary()
         self.concurrency = Concurrency.of(config.concurrency)
+        self.lease = timedelta(seconds=config.lease_seconds)
         self._buckets: tuple[TokenBucket, TokenBucket] | None = None
         self._held = _Held()
         self._in_flight = 0  # batches dispatched and not yet recorded
@@ -312,13 +313,12 @@ class Drainer:
             if free <= 0:
                 await self._wait(self.config.poll_seconds)
                 continue
-            now = self.clock()
             try:
                 claimed = await self.store.claim(
                     self.owner,
-                    now=now,
-                    settled_before=now - timedelta(seconds=self.config.settle_seconds),
-                    lease_until=now + timedelta(seconds=self.config.lease_seconds),
+                    now=self.clock(),
+                    settle=timedelta(seconds=self.config.settle_seconds),
+                    lease=self.lease,
                     max_events=free * self.config.batch_size,
                     max_per_key=self.config.batch_size,
                 )
@@ -503,9 +503,10 @@ class Drainer:
             self.concurrency.on_rate_limited()
             self.metrics.rate_limited.inc()
             error = f"429 from Segment: waiting {wait:.1f} s for all sending"
-            outcome = await self._finish(
-                record, retry=RetryRows(ids=ids, next_attempt_at=until, error=error)
+            retry = RetryRows(
+                ids=ids, after=timedelta(seconds=wait), error=error, failed_attempt=False
             )
+            outcome = await self._finish(record, retry=retry)
             self._account(outcome)
             log.warning(
                 "segment_request",
@@ -516,16 +517,15 @@ class Drainer:
             return False
 
         if verdict is Verdict.CONFIGURATION:
-            until = finished + timedelta(seconds=self.config.configuration_retry_seconds)
-            self._configuration_paused_until = until
+            pause = timedelta(seconds=self.config.configuration_retry_seconds)
+            self._configuration_paused_until = finished + pause
             self.metrics.paused.labels(reason="configuration").set(1)
             error = (
                 f"Segment answered {result.status}: check RELAY_SEGMENT_WRITE_KEY and "
                 "RELAY_SEGMENT_BASE_URL; delivery paused, rows kept"
             )
-            outcome = await self._finish(
-                record, retry=RetryRows(ids=ids, next_attempt_at=until, error=error)
-            )
+            retry = RetryRows(ids=ids, after=pause, error=error, failed_attempt=False)
+            outcome = await self._finish(record, retry=retry)
             self._account(outcome)
             log.error(
                 "delivery_paused",
@@ -559,9 +559,8 @@ class Drainer:
         delay = backoff_seconds(
             attempt, self.config.retry_base_seconds, self.config.retry_cap_seconds, self.random
         )
-        until = record.finished_at + timedelta(seconds=delay)
         outcome = await self._finish(
-            record, retry=RetryRows(ids=ids, next_attempt_at=until, error=error)
+            record, retry=RetryRows(ids=ids, after=timedelta(seconds=delay), error=error)
         )
         self._account(outcome)
         log.warning(
@@ -636,7 +635,7 @@ class Drainer:
             ),
         )
         if retry is not None:  # look again when they fall due, whatever the poll interval
-            self._wakeups.wake_after((retry.next_attempt_at - self.clock()).total_seconds())
+            self._wakeups.wake_after(retry.after.total_seconds())
         return outcome
 
     async def _release(self, ids: Sequence[int], announce: bool = False) -> int:
@@ -741,9 +740,8 @@ class Drainer:
             held = self._held.all_ids()
             if not held:
                 continue
-            until = self.clock() + timedelta(seconds=self.config.lease_seconds)
             try:
-                still = await self.store.renew(self.owner, held, until)
+                still = await self.store.renew(self.owner, held, self.clock(), self.lease)
             except Exception as error:  # the database may be briefly away; try next period
                 log.warning("lease_renewal_failed", error=f"{type(error).__name__}: {error}")
                 continue

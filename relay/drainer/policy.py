@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import email.utils
 import enum
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 
 class Verdict(enum.Enum):
@@ -64,7 +65,10 @@ def retry_after_seconds(
     headers: Mapping[str, str], now: datetime, default_seconds: float, cap_seconds: float
 ) -> float:
     """Seconds a 429 asks us to wait: the larger of `Retry-After` (seconds or an HTTP date) and
-    `X-RateLimit-Reset` (seconds), else the default; never negative, never above the cap."""
+    `X-RateLimit-Reset` (seconds), else the default; never negative, never above the cap.
+
+    Never raises: a value that does not parse is ignored (the other header, or the default,
+    decides). `now` is an aware datetime (the moment the answer came)."""
     waits: list[float] = []
     lowered = {name.lower(): value for name, value in headers.items()}
     retry_after = lowered.get("retry-after")
@@ -77,23 +81,95 @@ def retry_after_seconds(
     return min(max(wait, 0.0), cap_seconds)
 
 
+# A number of seconds: RFC 9110's delay-seconds (`1*DIGIT`), and, leniently, a sign and a
+# fraction. ASCII digits only (Python's `float` would also take `1_0`, `1e3` or other scripts'
+# digits).
+_SECONDS = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
+
+
 def _seconds(text: str) -> list[float]:
-    try:
-        value = float(text.strip())
-    except ValueError:
-        return []
-    return [value] if value == value and value != float("inf") else []
+    text = text.strip()
+    return [float(text)] if _SECONDS.fullmatch(text) else []
 
 
 def _seconds_or_date(text: str, now: datetime) -> list[float]:
     seconds = _seconds(text)
     if seconds:
         return seconds
+    moment = http_date(text, now)
+    return [] if moment is None else [(moment - now).total_seconds()]
+
+
+_MONTHS = {
+    name: number
+    for number, name in enumerate(
+        ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"),
+        start=1,
+    )
+}
+_TIME = r"([0-9]{2}):([0-9]{2}):([0-9]{2})"
+# RFC 9110 section 5.6.7's three forms (the day name is not checked against the date).
+# IMF-fixdate: `Sun, 06 Nov 1994 08:49:37 GMT`.
+_IMF_FIXDATE = re.compile(
+    rf"[a-z]{{3}}, ([0-9]{{2}}) ([a-z]{{3}}) ([0-9]{{4}}) {_TIME} gmt", re.I | re.A
+)
+# Obsolete RFC 850 form: `Sunday, 06-Nov-94 08:49:37 GMT`.
+_RFC850 = re.compile(
+    rf"[a-z]{{6,9}}, ([0-9]{{2}})-([a-z]{{3}})-([0-9]{{2}}) {_TIME} gmt", re.I | re.A
+)
+# ANSI C's asctime() form: `Sun Nov  6 08:49:37 1994`.
+_ASCTIME = re.compile(rf"[a-z]{{3}} ([a-z]{{3}}) ([ 0-9][0-9]) {_TIME} ([0-9]{{4}})", re.I | re.A)
+
+
+def http_date(text: str, now: datetime) -> datetime | None:
+    """An HTTP date (RFC 9110 section 5.6.7) as an aware UTC datetime, or None.
+
+    The three forms a recipient must accept: IMF-fixdate, the obsolete RFC 850 form (its
+    two-digit year is the latest year with those digits not more than 50 years after `now`'s)
+    and asctime's (no zone: UTC, as every HTTP date). Other RFC 5322 dates are accepted too,
+    leniently, with a zone of `-0000` or none read as UTC. Garbage gives None, never an error.
+    """
+    text = text.strip()
+    fields: tuple[str, ...]
+    if match := _IMF_FIXDATE.fullmatch(text):
+        day, month, year, hour, minute, second = match.groups()
+        fields = (year, month, day, hour, minute, second)
+    elif match := _RFC850.fullmatch(text):
+        day, month, short_year, hour, minute, second = match.groups()
+        latest = now.year + 50
+        year = str(latest - (latest - int(short_year)) % 100)
+        fields = (year, month, day, hour, minute, second)
+    elif match := _ASCTIME.fullmatch(text):
+        month, day, hour, minute, second, year = match.groups()
+        fields = (year, month, day, hour, minute, second)
+    else:
+        return _lenient_date(text)
+    return _utc_moment(*fields)
+
+
+def _utc_moment(
+    year: str, month: str, day: str, hour: str, minute: str, second: str
+) -> datetime | None:
+    number = _MONTHS.get(month.lower())
+    if number is None:
+        return None
+    leap = int(second) == 60  # a leap second (RFC 9110 allows it): the next second
     try:
-        moment = email.utils.parsedate_to_datetime(text.strip())
-    except (TypeError, ValueError):
-        return []
-    return [(moment - now).total_seconds()]
+        moment = datetime(
+            int(year), number, int(day), int(hour), int(minute), int(second) - leap, tzinfo=UTC
+        )
+        return moment + timedelta(seconds=leap)
+    except (ValueError, OverflowError):  # no such date or time (31 Feb, 25:00), or past 9999
+        return None
+
+
+def _lenient_date(text: str) -> datetime | None:
+    try:
+        moment = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    # A date without a zone, or with `-0000` ("zone unknown"), is naive: read it as UTC.
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
 
 
 @dataclass

@@ -226,7 +226,7 @@ async def _handle_webhook(state: ReceiverState) -> tuple[Response, dict[str, Any
         resource_id=envelope.resource_id,
         ordering_key=aircall.ordering_key(envelope.resource, envelope.resource_id, dedup_key),
         occurred_at=envelope.occurred_at,
-        received_at=state.clock(),
+        received_at=None,  # stamped by the write, on the database's clock
         payload=envelope.payload,
         forward=forward,
         skip_reason=None if forward else aircall.skip_reason(envelope.event),

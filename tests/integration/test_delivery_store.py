@@ -1,14 +1,23 @@
 """The drainer's side of the store, on SQLite and PostgreSQL: claims in key order with the
 settle window, runs, leases and their expiry, finishing a request, late events, and the
-questions the drainer asks."""
+questions the drainer asks; and, on PostgreSQL, that these follow the database's clock, not the
+caller's.
+
+The tests play at fixed moments (`T0` ...). On SQLite the caller's clock is the one the
+statements use, so the moment is simply given. On PostgreSQL the statements read the server's
+clock, which no test can set: there the harness moves the stored times instead, for the length of
+each call, so that the server's `now()` stands at the moment played (`Harness.at`).
+"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import sqlalchemy as sa
 
 from relay import aircall
 from relay.db.delivery import (
@@ -19,6 +28,7 @@ from relay.db.delivery import (
     RetryRows,
 )
 from relay.db.engine import create_engine
+from relay.db.inspect import EventFilter, OutboxInspector
 from relay.db.store import IncomingEvent, OutboxStore
 from relay.segment import decode_payload
 from tests.support import OutboxDatabase
@@ -58,23 +68,73 @@ def incoming(
     )
 
 
+# The outbox's moments that the drainer's statements compare with the clock.
+_CLOCKED = ("received_at", "last_received_at", "next_attempt_at", "claimed_until")
+_SHIFT = sa.text(
+    "UPDATE outbox SET "
+    + ", ".join(f"{column} = {column} + CAST(:by AS interval)" for column in _CLOCKED)
+)
+
+
 class Harness:
     def __init__(self, outbox: OutboxStore, delivery: DeliveryStore) -> None:
         self.outbox = outbox
         self.delivery = delivery
+        self.engine = outbox.engine
 
     async def add(self, *events: IncomingEvent) -> list[int]:
         stored = await self.outbox.insert_events(list(events))
         return [row.id for row in stored]
 
+    @asynccontextmanager
+    async def at(self, moment: datetime) -> AsyncIterator[None]:
+        """Run the body as if the database's clock read `moment`. On PostgreSQL every stored
+        moment is moved by (server's now - `moment`) before, and moved back after (with the
+        moments the body wrote on the server's clock), so each row keeps its distance to `now`.
+        On SQLite the statements use the caller's moment: nothing to do."""
+        if self.engine.dialect.name != "postgresql":
+            yield
+            return
+        async with self.engine.begin() as connection:
+            server_now = await connection.scalar(sa.text("SELECT clock_timestamp()"))
+            shift = server_now - moment
+            await connection.execute(_SHIFT, {"by": shift})
+        try:
+            yield
+        finally:
+            async with self.engine.begin() as connection:
+                await connection.execute(_SHIFT, {"by": -shift})
+
     async def claim(
         self, now: datetime, owner: str = "a", max_events: int = 100, max_per_key: int = 100
     ) -> list[tuple[str, str]]:
-        claimed = await self.delivery.claim(
-            owner, now, now - SETTLE, now + LEASE, max_events=max_events, max_per_key=max_per_key
-        )
+        async with self.at(now):
+            claimed = await self.delivery.claim(
+                owner, now, SETTLE, LEASE, max_events=max_events, max_per_key=max_per_key
+            )
         self.last = claimed
         return [(row.ordering_key, row.event) for row in claimed]
+
+    async def renew(self, owner: str, ids: list[int], now: datetime, lease: timedelta) -> int:
+        async with self.at(now):
+            return await self.delivery.renew(owner, ids, now, lease)
+
+    async def retry(
+        self, ids: list[int], now: datetime, after: timedelta, status: int = 503
+    ) -> int:
+        """Record a request of owner "a" at `now` answered `status`, its rows due again
+        `after` it (a 5xx counts as a failed attempt, a 429 or 401 does not)."""
+        retry = RetryRows(
+            ids=ids,
+            after=after,
+            error=f"Segment answered {status}",
+            failed_attempt=status not in (429, 401),
+        )
+        async with self.at(now):
+            outcome = await self.delivery.finish(
+                "a", record(ids, now, status, "retry"), retry=retry
+            )
+        return outcome.retried
 
     async def deliver(self, owner: str, ids: list[int], at: datetime) -> None:
         await self.delivery.finish(owner, record(ids, at, 200, "delivered"), delivered=ids)
@@ -94,11 +154,19 @@ def record(ids: list[int], at: datetime, status: int | None, outcome: str) -> Re
     )
 
 
+@asynccontextmanager
+async def harness_on(database: OutboxDatabase) -> AsyncIterator[Harness]:
+    engine = create_engine(database.url)
+    try:
+        yield Harness(OutboxStore(engine), DeliveryStore(engine))
+    finally:
+        await engine.dispose()
+
+
 @pytest.fixture
 async def harness(database: OutboxDatabase) -> AsyncIterator[Harness]:
-    engine = create_engine(database.url)
-    yield Harness(OutboxStore(engine), DeliveryStore(engine))
-    await engine.dispose()
+    async with harness_on(database) as made:
+        yield made
 
 
 async def test_nothing_is_claimed_before_the_settle_window(harness: Harness) -> None:
@@ -185,8 +253,8 @@ async def test_renewal_keeps_the_lease(harness: Harness) -> None:
     [row_id] = await harness.add(incoming("call.created", 1, 100, T0))
     first = T0 + timedelta(seconds=6)
     assert await harness.claim(first, owner="a")
-    assert await harness.delivery.renew("a", [row_id], first + LEASE * 3) == 1
-    assert await harness.delivery.renew("b", [row_id], first + LEASE * 3) == 0
+    assert await harness.renew("a", [row_id], first, LEASE * 3) == 1
+    assert await harness.renew("b", [row_id], first, LEASE * 3) == 0
     assert await harness.claim(first + LEASE * 2, owner="b") == []
 
 
@@ -220,12 +288,7 @@ async def test_finish_delivered_retry_and_dead(harness: Harness, database: Outbo
     await harness.claim(now)
     rec = record(ids, now, 200, "delivered")
     await harness.delivery.finish("a", rec, delivered=[ids[0]])
-    retry_at = now + timedelta(seconds=30)
-    await harness.delivery.finish(
-        "a",
-        record([ids[1]], now, 503, "retry"),
-        retry=RetryRows(ids=[ids[1]], next_attempt_at=retry_at, error="Segment answered 503"),
-    )
+    assert await harness.retry([ids[1]], now, after=timedelta(seconds=30)) == 1
     await harness.delivery.finish(
         "a", record([ids[2]], now, 400, "rejected"), dead=[DeadRows(ids=[ids[2]], reason="bad")]
     )
@@ -244,8 +307,39 @@ async def test_finish_delivered_retry_and_dead(harness: Harness, database: Outbo
     assert len(requests) == 3
     assert {request["http_status"] for request in requests} == {200, 503, 400}
     # The retry waits for its time, then is claimable again.
-    assert await harness.claim(retry_at - timedelta(seconds=1)) == []
-    assert await harness.claim(retry_at) == [("call:2", "call.created")]
+    assert await harness.claim(now + timedelta(seconds=29)) == []
+    assert await harness.claim(now + timedelta(seconds=31)) == [("call:2", "call.created")]
+
+
+async def test_only_a_failed_attempt_counts_in_attempts(
+    harness: Harness, database: OutboxDatabase
+) -> None:
+    """A 429 or a configuration pause gives rows back without counting an attempt; a failed
+    delivery (5xx, timeout, connection error) counts one (issue 10, fault 5)."""
+    [row_id] = await harness.add(incoming("call.created", 1, 100, T0))
+    now = T0 + timedelta(seconds=6)
+    for step, (status, attempts) in enumerate(((429, 0), (401, 0), (503, 1))):
+        moment = now + timedelta(seconds=step)
+        assert await harness.claim(moment) == [("call:1", "call.created")]
+        assert await harness.retry([row_id], moment, after=timedelta(0), status=status) == 1
+        [row] = await database.rows_async()
+        assert (row["status"], row["last_http_status"]) == ("pending", status)
+        assert row["attempts"] == attempts
+
+
+async def test_a_requests_rows_retried_are_due_at_one_moment_and_go_again_together(
+    harness: Harness, database: OutboxDatabase
+) -> None:
+    """The rows of a request given back for a retry share one due time (on PostgreSQL the
+    writing statement's moment, not each row's), so the next claim takes the key's run whole
+    rather than its head alone."""
+    ids = await harness.add(*(incoming("call.tagged", 1, 100 + n, T0) for n in range(40)))
+    now = T0 + timedelta(seconds=6)
+    assert len(await harness.claim(now)) == 40
+    assert await harness.retry(ids, now, after=timedelta(seconds=2)) == 40
+    rows = await database.rows_async("SELECT DISTINCT next_attempt_at FROM outbox")
+    assert len(rows) == 1
+    assert len(await harness.claim(now + timedelta(seconds=3))) == 40
 
 
 async def test_dead_rows_do_not_block_their_key(harness: Harness) -> None:
@@ -336,3 +430,99 @@ async def test_backlog(harness: Harness) -> None:
     backlog = await harness.delivery.backlog()
     assert (backlog.pending, backlog.delivering, backlog.dead) == (2, 0, 1)
     assert backlog.oldest_pending_received_at == T0 + timedelta(seconds=1)
+
+
+# --- PostgreSQL: the database's clock, whatever the caller's -----------------------------------
+
+OFF_BY = timedelta(hours=1)
+
+
+@pytest.fixture
+async def postgres_harness(postgres_database: OutboxDatabase) -> AsyncIterator[Harness]:
+    async with harness_on(postgres_database) as made:
+        yield made
+
+
+async def database_now(harness: Harness) -> datetime:
+    async with harness.engine.connect() as connection:
+        moment = await connection.scalar(sa.text("SELECT clock_timestamp()"))
+    assert isinstance(moment, datetime)
+    return moment
+
+
+async def seconds_left(harness: Harness, column: str) -> list[tuple[str | None, float]]:
+    """Each row's owner, and the seconds from the database's clock to its moment `column`."""
+    sql = (
+        f"SELECT claimed_by, extract(epoch FROM {column} - clock_timestamp()) AS left_s "
+        "FROM outbox ORDER BY id"
+    )
+    async with harness.engine.connect() as connection:
+        rows = (await connection.execute(sa.text(sql))).all()
+    return [(row.claimed_by, float(row.left_s)) for row in rows]
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("direction", [1, -1], ids=["ahead", "behind"])
+async def test_postgresql_settles_rows_on_its_own_clock(
+    postgres_harness: Harness, direction: int
+) -> None:
+    """A caller whose clock is an hour ahead takes nothing unsettled; one an hour behind takes
+    what is settled: the window is measured on the database's clock (issue 10, fault 6)."""
+    harness = postgres_harness
+    await harness.add(incoming("call.created", 1, 100, await database_now(harness)))
+    skewed = datetime.now(UTC) + direction * OFF_BY
+    claim = harness.delivery.claim
+    if direction > 0:
+        assert await claim("a", skewed, SETTLE, LEASE, 10, 10) == []
+    await harness.add(incoming("call.created", 2, 100, await database_now(harness) - SETTLE))
+    claimed = await claim("a", skewed, SETTLE, LEASE, 10, 10)
+    assert [row.ordering_key for row in claimed] == ["call:2"]
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("direction", [1, -1], ids=["ahead", "behind"])
+async def test_postgresql_leases_on_its_own_clock(
+    postgres_harness: Harness, direction: int
+) -> None:
+    """Whatever a drainer's clock says, its lease lasts LEASE on the database's clock, and no
+    drainer (its clock an hour ahead, or right) takes a live lease (issue 10, fault 6)."""
+    harness = postgres_harness
+    [row_id] = await harness.add(
+        incoming("call.created", 1, 100, await database_now(harness) - SETTLE)
+    )
+    real = datetime.now(UTC)
+    holder, other = ("skewed", "right") if direction < 0 else ("right", "skewed")
+    clocks = {"right": real, "skewed": real + direction * OFF_BY}
+    assert await harness.delivery.claim(holder, clocks[holder], SETTLE, LEASE, 10, 10)
+    [(owner, left)] = await seconds_left(harness, "claimed_until")
+    assert owner == holder
+    assert LEASE.total_seconds() - 5 < left <= LEASE.total_seconds()
+    # The other drainer, an hour ahead or on time, finds the lease live: it takes nothing.
+    assert await harness.delivery.claim(other, clocks[other] + OFF_BY, SETTLE, LEASE, 10, 10) == []
+    assert await harness.delivery.renew(holder, [row_id], clocks[holder], LEASE * 2) == 1
+    [(owner, left)] = await seconds_left(harness, "claimed_until")
+    assert (owner, left > LEASE.total_seconds()) == (holder, True)
+    # A retry is due 30 s after the record by the database's clock, not by the drainer's.
+    retry = RetryRows(ids=[row_id], after=timedelta(seconds=30), error="Segment answered 503")
+    request = record([row_id], clocks[holder], 503, "retry")
+    assert (await harness.delivery.finish(holder, request, retry=retry)).retried == 1
+    [(owner, due_in)] = await seconds_left(harness, "next_attempt_at")
+    assert owner is None and 25 < due_in <= 30
+
+
+@pytest.mark.postgres
+async def test_postgresql_requeues_rows_due_on_its_own_clock(postgres_harness: Harness) -> None:
+    """`outbox requeue` run on a host whose clock is an hour ahead makes the rows due now, by
+    the database's clock, not in an hour (issue 10, fault 6)."""
+    harness = postgres_harness
+    [row_id] = await harness.add(
+        incoming("call.created", 1, 100, await database_now(harness) - SETTLE)
+    )
+    real = datetime.now(UTC)
+    assert await harness.delivery.claim("a", real, SETTLE, LEASE, 10, 10)
+    dead = [DeadRows(ids=[row_id], reason="bad")]
+    await harness.delivery.finish("a", record([row_id], real, 400, "rejected"), dead=dead)
+    inspector = OutboxInspector(harness.engine)
+    assert await inspector.requeue(EventFilter(ids=(row_id,)), real + OFF_BY, dry_run=False) == 1
+    claimed = await harness.delivery.claim("b", real, SETTLE, LEASE, 10, 10)
+    assert [row.id for row in claimed] == [row_id]

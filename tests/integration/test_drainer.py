@@ -73,13 +73,27 @@ class Relay:
         self.outbox = OutboxStore(self.engine)
         self.delivery = DeliveryStore(self.engine)
 
-    def drainer(self, write_key: str = WRITE_KEY, timeout_seconds: float = 5.0) -> Drainer:
+    def drainer(
+        self,
+        write_key: str = WRITE_KEY,
+        timeout_seconds: float = 5.0,
+        clock_off_by: timedelta = timedelta(0),
+    ) -> Drainer:
+        """A drainer of its own (its own store); `clock_off_by`: its host's clock is that far
+        ahead (or behind, if negative)."""
         sender = SegmentSender(self.fake.base_url, write_key, timeout_seconds, max_connections=8)
-        return Drainer(self.delivery, sender, self.config, MappingOptions())
+        return Drainer(
+            DeliveryStore(self.engine),
+            sender,
+            self.config,
+            MappingOptions(),
+            clock=lambda: datetime.now(UTC) + clock_off_by,
+        )
 
     async def receive(self, *bodies: dict[str, Any], received_at: datetime | None = None) -> None:
-        now = received_at or datetime.now(UTC)
-        await self.outbox.insert_events([incoming(body, now) for body in bodies])
+        """Store `bodies` as the receiver does; `received_at` None: stamped by the write, on the
+        database's clock."""
+        await self.outbox.insert_events([incoming(body, received_at) for body in bodies])
 
     async def wait_accepted(self, count: int, within: float = 30) -> None:
         await anyio.to_thread.run_sync(
@@ -264,6 +278,60 @@ async def test_a_duplicate_webhook_is_sent_once(relay: Relay, fake: FakeSegment)
     assert row["received_count"] == 2
 
 
+# --- clocks -------------------------------------------------------------------------------------
+
+
+CLOCK_OFF_BY = timedelta(seconds=120)  # more than the settle window and the lease (30 s)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("direction", [1, -1], ids=["ahead", "behind"])
+async def test_a_drainer_whose_clock_is_off_settles_on_the_database_clock(
+    postgres_database: OutboxDatabase, fake: FakeSegment, direction: int
+) -> None:
+    """On PostgreSQL the settle window is measured on the database's clock: a drainer whose
+    clock is ahead takes nothing early, one whose clock is behind is not held back (issue 10,
+    fault 6: each used its own clock, and took rows early or minutes late)."""
+    settle = 1.0
+    relay = Relay(postgres_database, fake, replace(FAST, settle_seconds=settle))
+    bodies = _call_bodies(1)
+    async with draining(relay.drainer(clock_off_by=direction * CLOCK_OFF_BY)):
+        received = datetime.now(UTC)  # this host's clock is the database's
+        await relay.receive(*bodies, received_at=received)
+        await relay.wait_accepted(len(bodies), within=15)
+    await relay.engine.dispose()
+    for entry in fake.requests():
+        sent = datetime.fromisoformat(entry["received_at"])
+        assert sent - received >= timedelta(seconds=settle - 0.05)
+    fake.assert_no_duplicates()
+
+
+@pytest.mark.postgres
+async def test_a_drainer_whose_clock_is_ahead_steals_no_live_lease(
+    postgres_database: OutboxDatabase, fake: FakeSegment
+) -> None:
+    """On PostgreSQL a lease's end is the database's clock plus the lease, and its expiry is
+    checked on the same clock: a drainer whose clock is two minutes ahead does not take the
+    rows of a drainer whose request is in flight (issue 10, fault 6)."""
+    relay = Relay(postgres_database, fake, FAST)
+    fake.inject(Fault.latency(3000, accept="after_accept"))  # the first answer takes 3 s
+    bodies = _call_bodies(1)
+    first = relay.drainer()
+    with structlog.testing.capture_logs() as logs:
+        async with draining(first):
+            await relay.receive(*bodies, received_at=datetime.now(UTC))
+            await relay.wait_accepted(len(bodies))  # accepted; the answer is still coming
+            async with draining(relay.drainer(clock_off_by=CLOCK_OFF_BY)):
+                await relay.wait_settled(len(bodies))
+                await anyio.sleep(1.5)  # it looks for expired leases once a second
+    await relay.engine.dispose()
+    fake.assert_no_duplicates()
+    assert len(fake.requests()) == 1
+    rows = await relay.rows("SELECT drainer, outcome FROM delivery_requests")
+    assert rows == [{"drainer": first.owner, "outcome": "delivered"}]
+    assert not [entry for entry in logs if entry["event"] == "lease_lost"]
+
+
 # --- what Segment answers -------------------------------------------------------------------
 
 
@@ -328,7 +396,34 @@ async def test_429_waits_for_retry_after_for_all_sending_and_resends_the_same_id
     sent_at = {entry["decoded_body"]["sentAt"] for entry in [limited, *after]}
     assert len(sent_at) == 1 + len(after)  # sentAt is fresh on every attempt
     rows = await relay.rows()
-    assert any(row["last_http_status"] == 200 and row["attempts"] == 2 for row in rows)
+    # The 429 judged the sender, not the rows: only the delivery counts as an attempt.
+    assert any(row["last_http_status"] == 200 for row in rows)
+    assert {row["attempts"] for row in rows} == {1}
+
+
+async def test_429_with_a_retry_after_date_in_zone_minus_0000_pauses_and_is_recorded(
+    relay: Relay, fake: FakeSegment
+) -> None:
+    """`Retry-After: <date> -0000` parsed as a naive datetime made the wait a TypeError: no
+    pause, no request record, and the rows waited for their lease (issue 10, fault 5)."""
+    until = (datetime.now(UTC) + timedelta(seconds=3)).replace(microsecond=0)
+    fake.inject(
+        Fault.status(429, headers={"Retry-After": until.strftime("%a, %d %b %Y %H:%M:%S -0000")})
+    )
+    async with draining(relay.drainer()):
+        await relay.receive(*_call_bodies(1))
+        await relay.wait_accepted(3, within=FAST.lease_seconds / 2)
+    log = fake.requests()
+    [limited] = [entry for entry in log if entry["status"] == 429]
+    after = [entry for entry in log if entry["seq"] > limited["seq"]]
+    assert after
+    for entry in after:  # nothing was sent before the date Segment gave
+        assert datetime.fromisoformat(entry["received_at"]) >= until - timedelta(seconds=0.05)
+    requests = await relay.rows("SELECT * FROM delivery_requests ORDER BY started_at")
+    assert [(request["http_status"], request["outcome"]) for request in requests] == [
+        (429, "rate_limited"),
+        (200, "delivered"),
+    ]
 
 
 async def test_a_rejected_batch_is_split_and_only_the_bad_message_goes_dead(
@@ -372,8 +467,34 @@ async def test_401_pauses_delivery_and_keeps_the_rows(database: OutboxDatabase) 
         rows = await relay.rows()
         assert {row["status"] for row in rows} == {"pending"}
         assert {row["last_http_status"] for row in rows} == {401}
+        assert {row["attempts"] for row in rows} == {0}  # a pause is no failed attempt
         assert "RELAY_SEGMENT_WRITE_KEY" in rows[0]["last_error"]
         assert fake.accepted() == []
+
+
+async def test_pauses_and_429s_do_not_use_up_max_attempts(relay: Relay, fake: FakeSegment) -> None:
+    """With RELAY_MAX_ATTEMPTS=2, configuration pauses (a wrong write key for a while) and 429s
+    used to count, and the first 5xx after them killed the rows (issue 10, fault 5). Only
+    failed deliveries count: one 5xx, then the delivery, is two attempts."""
+    for fault in (
+        Fault.status(401),
+        Fault.rate_limited(0),
+        Fault.status(403),
+        Fault.rate_limited(0),
+        Fault.status(503),
+    ):
+        fake.inject(fault)
+    relay.config = replace(FAST, max_attempts=2, configuration_retry_seconds=0.2)
+    bodies = _call_bodies(1)
+    async with draining(relay.drainer()) as drainer:
+        await relay.receive(*bodies)
+        await relay.wait_settled(len(bodies))
+    rows = await relay.rows()
+    assert {row["status"] for row in rows} == {"delivered"}
+    assert {row["attempts"] for row in rows} == {2}
+    assert drainer.summary.dead == 0
+    requests = await relay.rows("SELECT * FROM delivery_requests ORDER BY started_at")
+    assert [request["http_status"] for request in requests] == [401, 429, 403, 429, 503, 200]
 
 
 async def test_unsendable_events_go_dead_without_being_sent(

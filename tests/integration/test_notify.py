@@ -343,7 +343,7 @@ async def test_rows_a_stopping_drainer_gives_back_are_announced_ready(
     delivery = DeliveryStore(store.engine)
     later = datetime.now(UTC) + timedelta(seconds=5)
     claimed = await delivery.claim(
-        "stopping", later, later, later + timedelta(minutes=1), max_events=10, max_per_key=10
+        "stopping", later, timedelta(0), timedelta(minutes=1), max_events=10, max_per_key=10
     )
     ids = [row.id for row in claimed]
     assert len(ids) == 3

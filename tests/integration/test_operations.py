@@ -26,6 +26,7 @@ pytestmark = pytest.mark.anyio
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 CALL = 1903456789
+LEASE = timedelta(minutes=1)
 
 
 def record(ids: list[int], at: datetime, status: int | None, outcome: str) -> RequestRecord:
@@ -56,6 +57,20 @@ async def populated(database: OutboxDatabase) -> AsyncIterator[Populated]:
     engine = create_engine(database.url)
     outbox, delivery = OutboxStore(engine), DeliveryStore(engine)
     ids: dict[str, int] = {}
+    # The old user event first, delivered before the rest is received: on PostgreSQL a claim
+    # compares with the database's clock, by which every row below is settled.
+    user = sample("user.connected")
+    del user["token"]
+    old = NOW - timedelta(days=40)
+    [old_user] = await outbox.insert_events([incoming(user, old)])
+    ids["old_user"] = old_user.id
+    owner = "vm:1:test"
+    settled = old + timedelta(seconds=10)
+    claimed = await delivery.claim(owner, settled, timedelta(seconds=10), LEASE, 10, 10)
+    assert [row.id for row in claimed] == [old_user.id]
+    await delivery.finish(
+        owner, record([old_user.id], settled, 200, "delivered"), delivered=[old_user.id]
+    )
     early = NOW - timedelta(minutes=30)
     call = [body for body in call_lifecycle(CALL) if body["event"] != "call.ended"][:6]
     stored = await outbox.insert_events([incoming(body, early) for body in call])
@@ -71,24 +86,10 @@ async def populated(database: OutboxDatabase) -> AsyncIterator[Populated]:
     hold["event"] = "call.hold"
     [skipped] = await outbox.insert_events([incoming(hold, early, forward=False)])
     ids["skipped"] = skipped.id
-    user = sample("user.connected")
-    del user["token"]
-    old = NOW - timedelta(days=40)
-    [old_user] = await outbox.insert_events([incoming(user, old)])
-    ids["old_user"] = old_user.id
     await outbox.insert_events([incoming(call[0], early)])  # a duplicate of call.created
 
-    owner = "vm:1:test"
-    claimed = await delivery.claim(
-        owner, old + timedelta(seconds=10), old, old + timedelta(minutes=1), 10, 10
-    )
-    assert [row.id for row in claimed] == [old_user.id]
-    await delivery.finish(
-        owner, record([old_user.id], old + timedelta(seconds=10), 200, "delivered"),
-        delivered=[old_user.id],
-    )  # fmt: skip
     at = early + timedelta(minutes=2)
-    claimed = await delivery.claim(owner, at, at, at + timedelta(minutes=1), 100, 100)
+    claimed = await delivery.claim(owner, at, timedelta(0), LEASE, 100, 100)
     first_call = [ids[str(body["event"])] for body in call]
     await delivery.finish(owner, record(first_call, at, 200, "delivered"), delivered=first_call)
     await delivery.finish(
@@ -96,12 +97,14 @@ async def populated(database: OutboxDatabase) -> AsyncIterator[Populated]:
         record([ids["second_created"]], at, 400, "rejected"),
         dead=[DeadRows(ids=[ids["second_created"]], reason="Segment refused the message with 400")],
     )
+    retried = record([ids["second_ringing"], ids["second_declined"]], at, 503, "retry")
     await delivery.finish(
         owner,
-        record([ids["second_ringing"], ids["second_declined"]], at, 503, "retry"),
+        retried,
         retry=RetryRows(
             ids=[ids["second_ringing"], ids["second_declined"]],
-            next_attempt_at=NOW + timedelta(minutes=5),
+            # Due at NOW + 5 min (on PostgreSQL, as long after the database's clock's now).
+            after=NOW + timedelta(minutes=5) - retried.finished_at,
             error="Segment answered 503",
         ),
     )
@@ -288,7 +291,7 @@ async def test_copy_an_sqlite_outbox_to_postgresql(
     bodies = [body for call in (1, 2) for body in call_lifecycle(call)]
     bodies[0]["data"]["id"] = 2**64 + 3  # a big id keeps its digits across databases
     await store.insert_events([incoming(body, NOW - timedelta(minutes=5)) for body in bodies])
-    claimed = await delivery.claim("x", NOW, NOW, NOW + timedelta(minutes=1), 5, 5)
+    claimed = await delivery.claim("x", NOW, timedelta(0), LEASE, 5, 5)
     ids = [row.id for row in claimed]
     for row_id in ids:  # one request each: several pages of delivery_requests below
         await delivery.finish("x", record([row_id], NOW, 200, "delivered"), delivered=[row_id])

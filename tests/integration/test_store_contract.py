@@ -58,7 +58,10 @@ ROW_COLUMNS = {
 
 
 def incoming(
-    body: dict[str, Any], received_at: datetime = T0, forward: bool = True, source: str = "main"
+    body: dict[str, Any],
+    received_at: datetime | None = T0,
+    forward: bool = True,
+    source: str = "main",
 ) -> IncomingEvent:
     body = dict(body)
     body.pop("token", None)
@@ -82,6 +85,14 @@ class Stores:
         row = await self.store.get_event(row_id)
         assert row is not None, f"no outbox row {row_id}"
         return row
+
+    async def database_clock(self) -> datetime:
+        """The database's clock: PostgreSQL's; on SQLite this process's (one host)."""
+        if self.database.kind == "sqlite":
+            return datetime.now(UTC)
+        [row] = await self.database.rows_async("SELECT clock_timestamp() AS now")
+        moment: datetime = row["now"]
+        return moment
 
 
 @pytest.fixture
@@ -172,6 +183,30 @@ async def test_a_skipped_event_is_stored_with_its_reason_and_never_due(stores: S
     assert row["status"] == "skipped"
     assert row["last_error"] == aircall.skip_reason("call.hold")
     assert row["next_attempt_at"] is None
+
+
+async def test_an_event_without_a_receipt_time_is_stamped_on_the_database_clock(
+    stores: Stores,
+) -> None:
+    """The receiver gives no receipt time: the write stamps it on the database's clock
+    (PostgreSQL's `now()`, the start of the write's transaction), so that receivers on several
+    hosts and the drainers' settle window all use one clock (issue 10, fault 6)."""
+    forwarded = incoming(call_event("call.created", 5_000_000_011), received_at=None)
+    hold = call_event("call.hungup", 5_000_000_012)
+    hold["event"] = "call.hold"
+    skipped = incoming(hold, received_at=None, forward=False)
+    before = await stores.database_clock()
+    stored = await stores.store.insert_events([forwarded, skipped])
+    after = await stores.database_clock()
+    new, ignored = [await stores.row(result.id) for result in stored]
+    for row in (new, ignored):
+        assert before <= row["received_at"] == row["last_received_at"] <= after
+    assert new["next_attempt_at"] == new["received_at"]  # due at once, once settled
+    assert ignored["next_attempt_at"] is None
+    [again] = await stores.store.insert_events([forwarded])  # a copy, received later
+    row = await stores.row(again.id)
+    assert again.duplicate and row["received_at"] == new["received_at"]
+    assert after <= row["last_received_at"] <= await stores.database_clock()
 
 
 async def test_a_mixed_group_answers_each_event_in_the_order_given(stores: Stores) -> None:
