@@ -159,3 +159,41 @@ delivery_requests = sa.Table(
     sa.Column("error", sa.Text(), nullable=True),
     sa.Index("ix_delivery_requests_started_at", "started_at"),
 )
+
+# The deployment's budget toward Segment (migration 0006): one row, `segment`, from which every
+# drainer takes what each request sends before sending it, so that the limits hold for all the
+# drainers together (PRODUCT §10). Written only while a limit is on (relay/db/delivery.py), with
+# the database's clock; nothing else reads it.
+rate_limits = sa.Table(
+    "rate_limits",
+    metadata,
+    sa.Column("name", sa.String(32), primary_key=True, comment="what is limited: segment"),
+    sa.Column(
+        "events_per_second",
+        sa.Double(),
+        nullable=False,
+        comment="the limit of the last drainer to send (0: none)",
+    ),
+    sa.Column(
+        "requests_per_second",
+        sa.Double(),
+        nullable=False,
+        comment="the limit of the last drainer to send (0: none)",
+    ),
+    sa.Column(
+        "events_available",
+        sa.Double(),
+        nullable=False,
+        comment="events that may go at updated_at; negative: promised to requests waiting",
+    ),
+    sa.Column(
+        "requests_available",
+        sa.Double(),
+        nullable=False,
+        comment="requests that may go at updated_at; negative: promised to requests waiting",
+    ),
+    sa.Column("updated_at", UtcDateTime(), nullable=False, comment="database clock"),
+    sa.Column(
+        "paused_until", UtcDateTime(), nullable=True, comment="a 429 from Segment: none sent before"
+    ),
+)
