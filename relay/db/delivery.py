@@ -344,8 +344,8 @@ class _BudgetStatements:
             requests_available=requests_burst - requests,
             updated_at=clock,
         )
-        # A request's share taken in one statement, the row locked only while it runs: the
-        # first drainer to send creates the row (full), the others update it.
+        # A request's share taken in one statement, the row locked only for its short
+        # transaction: the first drainer to send creates the row (full), the others update it.
         self.take = insert.on_conflict_do_update(
             index_elements=[limits.name],
             set_={

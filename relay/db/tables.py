@@ -160,10 +160,10 @@ delivery_requests = sa.Table(
     sa.Index("ix_delivery_requests_started_at", "started_at"),
 )
 
-# The deployment's budget toward Segment (migration 0006): one row, `segment`, from which every
-# drainer takes what each request sends before sending it, so that the limits hold for all the
-# drainers together (PRODUCT §10). Written only while a limit is on (relay/db/delivery.py), with
-# the database's clock; nothing else reads it.
+# The deployment's budget toward Segment (migration `*_rate_limits.py`): one row, `segment`, from
+# which every drainer takes what each request sends before sending it, so that the limits hold for
+# all the drainers together (PRODUCT §10). Written only while a limit is on, with the database's
+# clock (relay/db/delivery.py); nothing else reads it.
 rate_limits = sa.Table(
     "rate_limits",
     metadata,
