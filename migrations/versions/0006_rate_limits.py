@@ -29,29 +29,17 @@ Timestamp = sa.DateTime(timezone=True)
 
 def upgrade() -> None:
     limit = "the limit of the last drainer to send (0: none)"
+    available = "what may go at updated_at; negative: promised to requests waiting"
     op.create_table(
         "rate_limits",
         sa.Column("name", sa.String(32), nullable=False, comment="what is limited: segment"),
         sa.Column("events_per_second", sa.Double(), nullable=False, comment=limit),
         sa.Column("requests_per_second", sa.Double(), nullable=False, comment=limit),
-        sa.Column(
-            "events_available",
-            sa.Double(),
-            nullable=False,
-            comment="events that may go at updated_at; negative: promised to requests waiting",
-        ),
-        sa.Column(
-            "requests_available",
-            sa.Double(),
-            nullable=False,
-            comment="requests that may go at updated_at; negative: promised to requests waiting",
-        ),
+        sa.Column("events_available", sa.Double(), nullable=False, comment=available),
+        sa.Column("requests_available", sa.Double(), nullable=False, comment=available),
         sa.Column("updated_at", Timestamp, nullable=False, comment="database clock"),
         sa.Column(
-            "paused_until",
-            Timestamp,
-            nullable=True,
-            comment="a 429 from Segment: none sent before",
+            "paused_until", Timestamp, nullable=True, comment="a 429's pause: none sent before"
         ),
         sa.PrimaryKeyConstraint("name", name=op.f("pk_rate_limits")),
     )
