@@ -420,15 +420,17 @@ SPECS: Final[tuple[SettingSpec, ...]] = (
         "segment_events_per_second",
         _number(0.0),
         500.0,
-        "Token bucket on events sent per second, shared by all requests of one drainer; 0 for "
-        "no limit. Segment asks for at most 1,000 per second per workspace.",
+        "Events sent to Segment per second, for the whole deployment (all drainers together, "
+        "through a budget in the database); 0 for no limit. Segment asks for at most 1,000 per "
+        "second per workspace.",
         group="segment",
     ),
     SettingSpec(
         "segment_requests_per_second",
         _number(0.0),
         20.0,
-        "Token bucket on requests sent per second; 0 for no limit.",
+        "Requests sent to Segment per second, for the whole deployment (all drainers "
+        "together); 0 for no limit.",
         group="segment",
     ),
     SettingSpec(

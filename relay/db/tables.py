@@ -180,3 +180,24 @@ delivery_requests = sa.Table(
     sa.Column("error", sa.Text(), nullable=True),
     sa.Index("ix_delivery_requests_started_at", "started_at"),
 )
+
+# The deployment's budget toward Segment (migration `*_rate_limits.py`): one row, `segment`, from
+# which every drainer takes what each request sends before sending it, so that the limits hold for
+# all the drainers together (PRODUCT §10). Written only while a limit is on, with the database's
+# clock (relay/db/delivery.py); nothing else reads it.
+_LIMIT = "the limit of the last drainer to send (0: none)"
+_AVAILABLE = "what may go at updated_at; negative: promised to requests waiting"
+
+rate_limits = sa.Table(
+    "rate_limits",
+    metadata,
+    sa.Column("name", sa.String(32), primary_key=True, comment="what is limited: segment"),
+    sa.Column("events_per_second", sa.Double(), nullable=False, comment=_LIMIT),
+    sa.Column("requests_per_second", sa.Double(), nullable=False, comment=_LIMIT),
+    sa.Column("events_available", sa.Double(), nullable=False, comment=_AVAILABLE),
+    sa.Column("requests_available", sa.Double(), nullable=False, comment=_AVAILABLE),
+    sa.Column("updated_at", UtcDateTime(), nullable=False, comment="database clock"),
+    sa.Column(
+        "paused_until", UtcDateTime(), nullable=True, comment="a 429's pause: none sent before"
+    ),
+)

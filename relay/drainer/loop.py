@@ -3,7 +3,8 @@ and records what Segment answered. It knows no SQL (that is `DeliveryStore`) and
 (that is the sender); the decisions are the pure policies of `policy.py` and `batching.py`.
 
 Life of a request: claim (lease) -> map (unsendable rows go dead at once) -> plan batches (a
-key's run stays in one request) -> wait for any 429 pause and the token buckets -> POST ->
+key's run stays in one request) -> wait for any 429 pause, and for the request's turn in the
+deployment's budget (taken from the database, while a limit is on) -> POST ->
 record the request and its rows' fate in one transaction. Leases are renewed while requests are
 in flight. On stop (SIGTERM), nothing new is claimed, in-flight requests get the grace period to
 finish, and any row still held is released.
@@ -35,15 +36,16 @@ from relay.db.delivery import (
     FinishResult,
     RequestRecord,
     RetryRows,
+    SendLimits,
 )
 from relay.db.notify import READY_PREFIX
 from relay.drainer.batching import plan_batches
 from relay.drainer.metrics import DrainerMetrics
 from relay.drainer.policy import (
     Concurrency,
-    TokenBucket,
     Verdict,
     backoff_seconds,
+    budget_wait,
     classify,
     retry_after_seconds,
 )
@@ -162,6 +164,20 @@ class DrainerConfig:
             shutdown_grace_seconds=settings.shutdown_grace_seconds,
         )
 
+    def send_limits(self) -> SendLimits | None:
+        """The limits toward Segment, for the deployment's budget; None when both are off (then
+        a drainer does no accounting at all). The bucket holds at most one request's worth: a
+        batch of events, one request. So over any span the deployment sends at most the rate
+        times the span plus one batch."""
+        if self.events_per_second <= 0 and self.requests_per_second <= 0:
+            return None
+        return SendLimits(
+            events_per_second=self.events_per_second,
+            requests_per_second=self.requests_per_second,
+            events_burst=float(self.batch_size),
+            requests_burst=1.0,
+        )
+
 
 @dataclass
 class DrainSummary:
@@ -227,7 +243,7 @@ class Drainer:
         self.summary = DrainSummary()
         self.concurrency = Concurrency.of(config.concurrency)
         self.lease = timedelta(seconds=config.lease_seconds)
-        self._buckets: tuple[TokenBucket, TokenBucket] | None = None
+        self._send_limits = config.send_limits()
         self._held = _Held()
         self._in_flight = 0  # batches dispatched and not yet recorded
         self._awaiting_answer = 0  # of those, the ones whose request has no answer yet
@@ -498,15 +514,19 @@ class Drainer:
                 cap_seconds=self.config.max_retry_after_seconds,
             )
             until = finished + timedelta(seconds=wait)
-            if self._rate_limited_until is None or until > self._rate_limited_until:
-                self._rate_limited_until = until
+            self._pause_sending_until(until)
             self.concurrency.on_rate_limited()
             self.metrics.rate_limited.inc()
             error = f"429 from Segment: waiting {wait:.1f} s for all sending"
-            retry = RetryRows(
-                ids=ids, after=timedelta(seconds=wait), error=error, failed_attempt=False
+            outcome = await self._finish(
+                record,
+                retry=RetryRows(
+                    ids=ids, after=timedelta(seconds=wait), error=error, failed_attempt=False
+                ),
+                # Segment limits the source, not this drainer: while a limit is on, the
+                # deployment's budget pauses every drainer as long.
+                pause_seconds=None if self._send_limits is None else wait,
             )
-            outcome = await self._finish(record, retry=retry)
             self._account(outcome)
             log.warning(
                 "segment_request",
@@ -627,11 +647,17 @@ class Drainer:
         delivered: Sequence[int] = (),
         retry: RetryRows | None = None,
         dead: Sequence[DeadRows] = (),
+        pause_seconds: float | None = None,
     ) -> FinishResult:
         outcome = await self._retrying(
             "finish",
             lambda: self.store.finish(
-                self.owner, record, delivered=delivered, retry=retry, dead=dead
+                self.owner,
+                record,
+                delivered=delivered,
+                retry=retry,
+                dead=dead,
+                pause_seconds=pause_seconds,
             ),
         )
         if retry is not None:  # look again when they fall due, whatever the poll interval
@@ -680,23 +706,36 @@ class Drainer:
         return remaining
 
     async def _respect_rate_limits(self, events: int) -> None:
+        """Wait for any 429 pause; then, while a limit is on, take this request's share of the
+        deployment's budget (`rate_limits`, shared by every drainer) and wait for its turn."""
         pause = self._pause_remaining()
         if pause > 0:
             self.metrics.rate_limit_wait.labels(cause="retry_after").inc(pause)
             await anyio.sleep(pause)
-        now = anyio.current_time()
-        if self._buckets is None:  # created here, on the event loop's clock, full
-            self._buckets = (
-                TokenBucket.per_second(
-                    self.config.events_per_second, now, largest_request=self.config.batch_size
-                ),
-                TokenBucket.per_second(self.config.requests_per_second, now),
-            )
-        events_bucket, requests_bucket = self._buckets
-        wait = max(events_bucket.reserve(events, now), requests_bucket.reserve(1, now))
+        limits = self._send_limits
+        if limits is None:
+            return
+        taken = await self._retrying(
+            "take_send_budget", lambda: self.store.take_send_budget(limits, events)
+        )
+        if taken.paused_seconds > 0:
+            # A 429 met by another drainer: this one stops claiming as long, too.
+            self._pause_sending_until(self.clock() + timedelta(seconds=taken.paused_seconds))
+            self.metrics.rate_limit_wait.labels(cause="retry_after").inc(taken.paused_seconds)
+        turn = max(
+            budget_wait(taken.events_available, limits.events_per_second),
+            budget_wait(taken.requests_available, limits.requests_per_second),
+        )
+        if turn > 0:
+            self.metrics.rate_limit_wait.labels(cause="token_bucket").inc(turn)
+        # The budget refills only once the pause is over: the turn counts from its end.
+        wait = taken.paused_seconds + turn
         if wait > 0:
-            self.metrics.rate_limit_wait.labels(cause="token_bucket").inc(wait)
             await anyio.sleep(wait)
+
+    def _pause_sending_until(self, until: datetime) -> None:
+        if self._rate_limited_until is None or until > self._rate_limited_until:
+            self._rate_limited_until = until
 
     async def _wait(self, seconds: float) -> None:
         with anyio.move_on_after(seconds):

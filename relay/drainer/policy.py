@@ -1,5 +1,5 @@
-"""Pure delivery policies: what a Segment answer means, how long to wait before a retry, rate
-limits, and how far to slow down after a 429.
+"""Pure delivery policies: what a Segment answer means, how long to wait before a retry, how long
+a request waits for its turn in the rate limits, and how far to slow down after a 429.
 
 Nothing here reads a clock or a random source of its own: both come in as arguments, so the
 tests drive time and chance.
@@ -172,34 +172,17 @@ def _lenient_date(text: str) -> datetime | None:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
 
 
-@dataclass
-class TokenBucket:
-    """A token bucket: `rate` tokens per second, holding at most `capacity` (one second's worth,
-    or one request's worth if larger). A rate of 0 means no limit.
+def budget_wait(available: float, per_second: float) -> float:
+    """How long a request waits for its turn, given what a token bucket refilled at `per_second`
+    holds once the request's tokens are taken: nothing while it holds enough (`available` not
+    negative), else until the refill has paid the tokens promised ahead, this request's
+    included. No wait without a limit (`per_second` 0).
 
-    `reserve(n, now)` takes `n` tokens, letting the level go negative, and returns how long the
-    caller must wait before using them; callers that reserve in turn are spaced at the rate.
-    """
-
-    rate: float
-    capacity: float
-    level: float
-    updated: float
-
-    @classmethod
-    def per_second(cls, rate: float, now: float, largest_request: float = 1.0) -> TokenBucket:
-        capacity = max(rate, largest_request)
-        return cls(rate=rate, capacity=capacity, level=capacity, updated=now)
-
-    def reserve(self, tokens: float, now: float) -> float:
-        if self.rate <= 0:
-            return 0.0
-        self.level = min(self.capacity, self.level + (now - self.updated) * self.rate)
-        self.updated = now
-        self.level -= tokens
-        if self.level >= 0:
-            return 0.0
-        return -self.level / self.rate
+    The bucket is the deployment's, in the database (`relay.db.delivery`), so that requests of
+    every drainer that take from it in turn are spaced at the rate."""
+    if per_second <= 0 or available >= 0:
+        return 0.0
+    return -available / per_second
 
 
 @dataclass

@@ -57,6 +57,33 @@ def test_downgrade_to_base_and_up_again(empty_database_url: str) -> None:
     assert {"outbox", "delivery_requests"} <= _tables(empty_database_url)
 
 
+def test_the_rate_limits_migration_adds_an_empty_table_and_keeps_rows(
+    empty_database_url: str,
+) -> None:
+    url = empty_database_url
+    # Found by its file's name: its revision id is written in that file only.
+    script = ScriptDirectory.from_config(alembic_config(url))
+    [migration] = [
+        revision
+        for revision in script.walk_revisions()
+        if revision.path.endswith("_rate_limits.py")
+    ]
+    assert isinstance(migration.down_revision, str)
+    command.upgrade(alembic_config(url), migration.down_revision)
+    _execute(url, _outbox_row("a" * 64))
+    assert "rate_limits" not in _tables(url)
+
+    command.upgrade(alembic_config(url), migration.revision)
+    assert fetch_all(url, "SELECT * FROM rate_limits") == []
+    assert [row["dedup_key"] for row in fetch_all(url, "SELECT dedup_key FROM outbox")] == [
+        "a" * 64
+    ]
+
+    command.downgrade(alembic_config(url), migration.down_revision)
+    assert "rate_limits" not in _tables(url)
+    assert len(fetch_all(url, "SELECT id FROM outbox")) == 1
+
+
 def test_sqlite_connections_are_wal_full_sync_with_busy_timeout(tmp_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path}/outbox.sqlite3"
     upgrade_to_head(url)

@@ -1,4 +1,5 @@
-"""Delivery policies: verdicts, backoff, Retry-After, token buckets, adaptive concurrency."""
+"""Delivery policies: verdicts, backoff, Retry-After, waits for the rate limits, adaptive
+concurrency."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from relay.db.delivery import SendLimits
+from relay.drainer.loop import DrainerConfig
 from relay.drainer.policy import (
     Concurrency,
-    TokenBucket,
     Verdict,
     backoff_seconds,
+    budget_wait,
     classify,
     http_date,
     retry_after_seconds,
@@ -244,31 +247,46 @@ def test_delay_seconds_are_exact(seconds: int, reset: int) -> None:
     assert retry_after_seconds(headers, NOW, 1.0, WIDE_CAP) == max(seconds, reset)
 
 
-def test_token_bucket_spaces_reservations_at_the_rate() -> None:
-    bucket = TokenBucket.per_second(100.0, now=0.0, largest_request=100)
-    assert bucket.reserve(100, now=0.0) == 0.0  # starts full: one second's worth
-    assert bucket.reserve(50, now=0.0) == pytest.approx(0.5)
-    assert bucket.reserve(50, now=0.0) == pytest.approx(1.0)
-    # After waiting, tokens come back at the rate, never above capacity.
-    assert bucket.reserve(10, now=10.0) == 0.0
-    assert bucket.level == pytest.approx(90.0)
+def test_a_request_waits_until_the_refill_pays_what_was_promised_ahead() -> None:
+    assert budget_wait(35.5, per_second=200.0) == 0.0  # enough left
+    assert budget_wait(0.0, per_second=200.0) == 0.0  # exactly enough
+    assert budget_wait(-100.0, per_second=200.0) == pytest.approx(0.5)
+    assert budget_wait(-1.0, per_second=20.0) == pytest.approx(0.05)
 
 
-def test_token_bucket_rate_over_time() -> None:
-    bucket = TokenBucket.per_second(20.0, now=0.0)
-    clock = 0.0
-    sent = 0
-    while clock < 10.0:
-        wait = bucket.reserve(1, clock)
-        clock += wait
-        if clock < 10.0:
-            sent += 1
-    assert 20 * 10 <= sent <= 20 * 10 + 20  # the rate, plus one second's burst
+@given(st.floats(min_value=-1e9, max_value=1e9, allow_nan=False))
+def test_zero_rate_means_no_limit(available: float) -> None:
+    assert budget_wait(available, per_second=0.0) == 0.0
 
 
-def test_zero_rate_means_no_limit() -> None:
-    bucket = TokenBucket.per_second(0.0, now=0.0)
-    assert all(bucket.reserve(1000, now=0.0) == 0.0 for _ in range(100))
+@given(
+    st.lists(st.integers(min_value=1, max_value=2500), min_size=1, max_size=50),
+    st.floats(min_value=0.1, max_value=10_000.0),
+)
+def test_requests_taking_in_turn_are_spaced_at_the_rate(sizes: list[int], rate: float) -> None:
+    # Taken at once from an empty bucket: each request goes its own size's time after the one
+    # before it, so over any span the rate holds.
+    available = 0.0
+    waits = []
+    for size in sizes:
+        available -= size
+        waits.append(budget_wait(available, rate))
+    for before, after, size in zip([0.0, *waits], waits, sizes, strict=False):
+        assert after - before == pytest.approx(size / rate)
+
+
+def test_the_limits_a_drainer_takes_from_the_deployments_budget() -> None:
+    # Both off: no budget at all (and no database work for it).
+    assert DrainerConfig(events_per_second=0, requests_per_second=0).send_limits() is None
+    # One request's worth of burst: a batch of events, one request.
+    assert DrainerConfig(
+        batch_size=50, events_per_second=500, requests_per_second=0
+    ).send_limits() == SendLimits(
+        events_per_second=500, requests_per_second=0, events_burst=50.0, requests_burst=1.0
+    )
+    assert DrainerConfig().send_limits() == SendLimits(
+        events_per_second=500.0, requests_per_second=20.0, events_burst=100.0, requests_burst=1.0
+    )
 
 
 def test_concurrency_halves_on_429_and_recovers() -> None:
