@@ -228,3 +228,30 @@ def test_a_row_the_database_refuses_fails_only_its_own_webhooks(
     assert counts[6_000_000_200] == 3
     assert counts[6_000_000_001] == 2
     assert counts[6_000_000_002] == 1
+
+
+# --- the writer task (issue 10, fault 3) ------------------------------------------------------
+
+
+def test_a_writer_task_that_ends_is_restarted_and_readyz_says_so_meanwhile(
+    sqlite_database: OutboxDatabase,
+) -> None:
+    with running_receiver(make_settings(sqlite_database)) as receiver:
+        batcher = receiver.app.extensions["relay"].batcher
+        assert httpx.get(receiver.url + "/readyz").status_code == 200
+        batcher._restart_seconds = 3.0  # a window wide enough to look into
+        # The task ends as if something cancelled it from outside (anything but an Exception).
+        batcher._loop.call_soon_threadsafe(batcher._task.cancel)
+        deadline = time.monotonic() + 10
+        while batcher.running or batcher.writer_restarts == 0:
+            assert time.monotonic() < deadline, "the writer task did not end"
+            time.sleep(0.01)
+        ready = httpx.get(receiver.url + "/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["writes"] == (
+            "failing (the commit writer is not running (it is being restarted))"
+        )
+        # A webhook meanwhile waits for the restarted writer, within its bound.
+        assert _post(receiver.url, "call.created").json()["status"] == "stored"
+        assert httpx.get(receiver.url + "/readyz").status_code == 200
+    assert sqlite_database.count() == 1
