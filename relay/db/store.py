@@ -390,8 +390,6 @@ def row_specific_error(error: BaseException) -> bool:
             return _sqlite_row_specific(error.orig)
         sqlstate = _sqlstate(error)
         return sqlstate is not None and sqlstate[:2] in _POSTGRES_ROW_CLASSES
-    if isinstance(error, sqlite3.Error):
-        return _sqlite_row_specific(error)
     # A value that the driver cannot convert, raised before anything reached the database.
     return isinstance(error, ValueError)
 

@@ -258,11 +258,11 @@ class CommitBatcher(Generic[Item, Outcome]):
         try:
             outcomes = await self._write([waiter.item for waiter in batch])
         except Exception as error:
-            if self._row_specific(error) and len({self._key(w.item) for w in batch}) > 1:
-                await self._write_one_by_one(batch, error)
-                return
             if not self._row_specific(error):
                 self._failed(error)
+            elif len({self._key(waiter.item) for waiter in batch}) > 1:
+                await self._write_one_by_one(batch, error)
+                return
             _fail(batch, error)  # every waiter gets the error and answers 503
             return
         self._succeeded(batch, outcomes, started)

@@ -9,9 +9,8 @@ import json
 import random
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -19,7 +18,13 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from tests.conftest import make_settings
-from tests.support import OutboxDatabase, running_receiver, sample
+from tests.support import (
+    OutboxDatabase,
+    refuse_rows_of_event,
+    running_receiver,
+    sample,
+    writes_held,
+)
 
 WEBHOOK = "/aircall/webhook"
 JSON = {"content-type": "application/json"}
@@ -103,56 +108,6 @@ def test_locked_postgresql_table_gives_503_and_stores_nothing(
 POISONED = "call.poisoned"
 
 
-def _refuse_poisoned_rows(database: OutboxDatabase) -> None:
-    """A trigger that makes the database refuse every row of the event `call.poisoned`: a
-    failure of one row's values, as a NUL byte or an over-long id is on PostgreSQL."""
-    if database.kind == "sqlite":
-        statements = [
-            f"CREATE TRIGGER poison BEFORE INSERT ON outbox WHEN NEW.event = '{POISONED}' "
-            "BEGIN SELECT RAISE(ABORT, 'poisoned row'); END"
-        ]
-    else:
-        statements = [
-            "CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-            f"IF NEW.event = '{POISONED}' THEN RAISE EXCEPTION 'poisoned row'; END IF; "
-            "RETURN NEW; END $$",
-            "CREATE TRIGGER poison BEFORE INSERT ON outbox FOR EACH ROW EXECUTE FUNCTION poison()",
-        ]
-
-    async def run() -> None:
-        engine = create_async_engine(database.url)
-        try:
-            async with engine.begin() as connection:
-                for statement in statements:
-                    await connection.exec_driver_sql(statement)
-        finally:
-            await engine.dispose()
-
-    asyncio.run(run())
-
-
-@asynccontextmanager
-async def _writes_held(database: OutboxDatabase) -> AsyncIterator[None]:
-    """Hold the database's write lock (the receiver's writes wait for it) until the end."""
-    if database.kind == "sqlite":
-        holder = sqlite3.connect(database.url.split("///", 1)[1], isolation_level=None)
-        holder.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        finally:
-            holder.execute("ROLLBACK")
-            holder.close()
-        return
-    engine = create_async_engine(database.url)
-    try:
-        async with engine.connect() as connection:
-            await connection.execute(text("LOCK TABLE outbox IN EXCLUSIVE MODE"))
-            yield
-            await connection.rollback()
-    finally:
-        await engine.dispose()
-
-
 async def _until(condition: Callable[[], bool], what: str, within: float = 30.0) -> None:
     deadline = time.monotonic() + within
     while not condition():
@@ -173,7 +128,7 @@ def test_a_row_the_database_refuses_fails_only_its_own_webhooks(
     """Webhooks queued together behind a held write lock form one group commit. The database
     refuses the rows of one event (a trigger); only that event's webhooks get 503 and store
     nothing; every other one gets its normal answer, duplicates counted right."""
-    _refuse_poisoned_rows(database)
+    asyncio.run(refuse_rows_of_event(database, POISONED))
     settings = make_settings(database, database_timeout_seconds=20)
     already = _call("call.created", 6_000_000_001)
     plug = _call("call.created", 6_000_000_002)
@@ -196,7 +151,7 @@ def test_a_row_the_database_refuses_fails_only_its_own_webhooks(
         async def scenario() -> tuple[httpx.Response, list[httpx.Response]]:
             loop = asyncio.get_running_loop()
             with ThreadPoolExecutor(max_workers=len(bodies) + 1) as pool:
-                async with _writes_held(database):
+                async with writes_held(database):
                     first = loop.run_in_executor(pool, post, plug)
                     await _until(lambda: batcher.in_flight == 1, "the plug waits on the lock")
                     others = [loop.run_in_executor(pool, post, body) for body in bodies]
