@@ -9,11 +9,12 @@ import copy
 import json
 import os
 import shutil
+import sqlite3
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -146,6 +147,59 @@ async def execute_async(url: str, *statements: str, autocommit: bool = False) ->
 
 def count_rows(url: str, table: str = "outbox") -> int:
     return int(fetch_all(url, f"SELECT count(*) AS n FROM {table}")[0]["n"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Making a database refuse writes, for real
+
+
+async def refuse_rows_of_event(database: OutboxDatabase, event: str) -> None:
+    """Add a trigger that makes the database refuse every outbox row of `event` (SQLite: a
+    constraint error; PostgreSQL: a PL/pgSQL RAISE): an error of one row's values, as a NUL
+    byte in text or an over-long id is on PostgreSQL."""
+    if database.kind == "sqlite":
+        statements = [
+            f"CREATE TRIGGER refuse_event BEFORE INSERT ON outbox WHEN NEW.event = '{event}' "
+            "BEGIN SELECT RAISE(ABORT, 'row refused by a test trigger'); END"
+        ]
+    else:
+        statements = [
+            "CREATE FUNCTION refuse_event() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            f"IF NEW.event = '{event}' THEN RAISE EXCEPTION 'row refused by a test trigger'; "
+            "END IF; RETURN NEW; END $$",
+            "CREATE TRIGGER refuse_event BEFORE INSERT ON outbox FOR EACH ROW "
+            "EXECUTE FUNCTION refuse_event()",
+        ]
+    engine = create_async_engine(normalise_database_url(database.url))
+    try:
+        async with engine.begin() as connection:
+            for statement in statements:
+                await connection.exec_driver_sql(statement)
+    finally:
+        await engine.dispose()
+
+
+@asynccontextmanager
+async def writes_held(database: OutboxDatabase) -> AsyncIterator[None]:
+    """Hold the outbox's write lock from another connection until the end of the block: writes
+    wait for it (up to their timeout); reads go on."""
+    if database.kind == "sqlite":
+        holder = sqlite3.connect(database.url.split("///", 1)[1], isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        return
+    engine = create_async_engine(database.url)
+    try:
+        async with engine.connect() as connection:
+            await connection.execute(text("LOCK TABLE outbox IN EXCLUSIVE MODE"))
+            yield
+            await connection.rollback()
+    finally:
+        await engine.dispose()
 
 
 # ---------------------------------------------------------------------------------------------

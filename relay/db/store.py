@@ -103,7 +103,7 @@ class OutboxStore:
         written_at = self._batch_insert.written_at()
         rows = [to_row(item, copies[key], written_at) for key, item in first.items()]
         keys = list(first)
-        sqlite_writer = self._get_sqlite_writer()
+        sqlite_writer = await self._ready_sqlite_writer()
         if sqlite_writer is not None:
             returned = await sqlite_writer.write(self._batch_insert, rows, keys)
         else:
@@ -164,12 +164,37 @@ class OutboxStore:
                 result = (await connection.exec_driver_sql(sql, parameters)).all()
             return {row[1]: (row[0], row[2], row[3]) for row in result}
 
-    def _get_sqlite_writer(self) -> _SqliteBatchWriter | None:
+    async def _ready_sqlite_writer(self) -> _SqliteBatchWriter | None:
+        """The SQLite file's batch writer (None elsewhere), about to write.
+
+        SQLite shares one mapping of the database's `-shm` file among all the connections of a
+        process to that file. A connection opened while the files were read-only maps it
+        read-only, and a connection opened later while that one lives shares the mapping: it
+        cannot write either, even once the files are writable again. So before the writer opens
+        a connection (its first, or a new one after a failure of the database), the engine's
+        pooled connections (`/readyz`, `/metrics`) are closed, and opened again when next
+        needed. (One checked out at that moment is not; the next failed write tries again.)
+        """
         if not self._sqlite_writer_checked:
             self._sqlite_writer_checked = True
             if self.dialect == "sqlite":
                 self._sqlite_writer = _SqliteBatchWriter.for_engine(self.engine)
-        return self._sqlite_writer
+        sqlite_writer = self._sqlite_writer
+        if sqlite_writer is not None and not sqlite_writer.connected:
+            await self.engine.dispose()
+        return sqlite_writer
+
+    async def probe_write(self) -> None:
+        """Commit a write that changes nothing (the schema's version row rewritten with its own
+        value), through the connection webhooks are written with; raise what makes it fail
+        (locked, read-only, full, unreachable, no schema). For readiness, when no webhook has
+        shown whether writes work."""
+        sqlite_writer = await self._ready_sqlite_writer()
+        if sqlite_writer is not None:
+            await sqlite_writer.probe()
+            return
+        async with self._writer.begin() as connection:
+            await connection.exec_driver_sql(_PROBE_SQL)
 
     async def close_writer(self) -> None:
         """Close the connection that `insert_events` opened for itself, if any (idempotent)."""
@@ -385,6 +410,36 @@ def _sqlstate(error: sa_exc.DBAPIError) -> str | None:
     return code if isinstance(code, str) else None
 
 
+# Errors that concern the values of one row, not the database: SQLite's primary result codes
+# CONSTRAINT (a constraint or a trigger's RAISE), TOOBIG and MISMATCH; PostgreSQL's SQLSTATE
+# classes 22 (data exception: a NUL byte, a value too long for its column), 23 (integrity
+# constraint violation), 54 (program limit exceeded: an index entry too large) and P0 (a
+# PL/pgSQL RAISE). Anything else (locked, busy, read-only, full, I/O, connection, timeout, a
+# missing table, an unknown error) is taken as the database's, for every row alike.
+_SQLITE_ROW_CODES: Final = frozenset(
+    {sqlite3.SQLITE_CONSTRAINT, sqlite3.SQLITE_TOOBIG, sqlite3.SQLITE_MISMATCH}
+)
+_POSTGRES_ROW_CLASSES: Final = frozenset({"22", "23", "54", "P0"})
+_PROBE_SQL: Final = "UPDATE alembic_version SET version_num = version_num"
+
+
+def row_specific_error(error: BaseException) -> bool:
+    """Whether a failed write failed because of one row's values (another group of rows could
+    succeed), rather than because of the database (every write fails alike)."""
+    if isinstance(error, sa_exc.DBAPIError):
+        if isinstance(error.orig, sqlite3.Error):
+            return _sqlite_row_specific(error.orig)
+        sqlstate = _sqlstate(error)
+        return sqlstate is not None and sqlstate[:2] in _POSTGRES_ROW_CLASSES
+    # A value that the driver cannot convert, raised before anything reached the database.
+    return isinstance(error, ValueError)
+
+
+def _sqlite_row_specific(error: sqlite3.Error) -> bool:
+    code = getattr(error, "sqlite_errorcode", None)
+    return isinstance(code, int) and code & 0xFF in _SQLITE_ROW_CODES
+
+
 def _new_pending_rows(rows: list[tuple[Any, ...]], returned: Sequence[Any]) -> int:
     """How many of the upsert's rows are new and `pending` (each `returned` row is (id,
     dedup_key, received_count, status)); duplicates and skipped events need no drainer."""
@@ -422,7 +477,8 @@ class _SqliteBatchWriter:
     COMMIT, cursor handling) is a round trip between the event loop and aiosqlite's thread;
     here a batch is one round trip, and the thread spends its time in SQLite with the GIL
     released. The connection is opened on that thread at the first batch, and opened again
-    after an error. Errors are raised as SQLAlchemy's `DBAPIError` family, as the engine's.
+    after an error of the database (not after an error of one row's values: a constraint).
+    Errors are raised as SQLAlchemy's `DBAPIError` family, as the engine's.
     """
 
     def __init__(self, connect: Callable[[], sqlite3.Connection]) -> None:
@@ -435,15 +491,29 @@ class _SqliteBatchWriter:
         connect = sqlite_writer_connector(engine)
         return None if connect is None else cls(connect)
 
+    @property
+    def connected(self) -> bool:
+        """Whether the next transaction runs on the connection the last one used."""
+        return self._connection is not None
+
     async def write(
         self, statement: _BatchInsert, rows: list[tuple[Any, ...]], keys: list[str]
     ) -> dict[str, tuple[int, int, str]]:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._write, statement, rows, keys)
+        select_sql, parameters = statement.select_outcomes(keys)
+        returned = await self._run([(statement.sql, rows), (select_sql, parameters)])
+        return {key: (row_id, count, status) for row_id, key, count, status in returned}
 
-    def _write(
-        self, statement: _BatchInsert, rows: list[tuple[Any, ...]], keys: list[str]
-    ) -> dict[str, tuple[int, int, str]]:
+    async def probe(self) -> None:
+        await self._run([(_PROBE_SQL, ())])
+
+    async def _run(self, steps: list[tuple[str, Any]]) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._transaction, steps)
+
+    def _transaction(self, steps: list[tuple[str, Any]]) -> list[Any]:
+        """Run `steps` (statement, parameters; a list of parameter tuples for `executemany`)
+        in one transaction begun with `BEGIN IMMEDIATE`, on the writer's thread; return the
+        rows the last one read."""
         sql = "BEGIN IMMEDIATE"
         try:
             connection = self._connection
@@ -451,10 +521,12 @@ class _SqliteBatchWriter:
                 connection = self._connection = self._connect()
             connection.execute(sql)
             try:
-                sql = statement.sql
-                connection.executemany(sql, rows)
-                sql, parameters = statement.select_outcomes(keys)
-                returned = connection.execute(sql, parameters).fetchall()
+                returned: list[Any] = []
+                for sql, parameters in steps:
+                    if isinstance(parameters, list):
+                        connection.executemany(sql, parameters)
+                    else:
+                        returned = connection.execute(sql, parameters).fetchall()
                 sql = "COMMIT"
                 connection.execute(sql)
             except BaseException:
@@ -462,11 +534,12 @@ class _SqliteBatchWriter:
                     connection.execute("ROLLBACK")
                 raise
         except sqlite3.Error as error:
-            self._discard()  # a fresh connection for the next batch
+            if not _sqlite_row_specific(error):
+                self._discard()  # a fresh connection for the next transaction
             raise sa_exc.DBAPIError.instance(
                 sql, None, error, sqlite3.Error, hide_parameters=True
             ) from error
-        return {key: (row_id, count, status) for row_id, key, count, status in returned}
+        return returned
 
     def _discard(self) -> None:
         connection, self._connection = self._connection, None

@@ -22,9 +22,9 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from relay import aircall
 from relay.db.gauges import OutboxGauges, read_outbox_gauges
-from relay.db.store import IncomingEvent, OutboxStore, StoredEvent
+from relay.db.store import IncomingEvent, OutboxStore, StoredEvent, row_specific_error
 from relay.logs import get_logger
-from relay.receiver.batcher import BatcherClosed, BatcherOverloaded, CommitBatcher
+from relay.receiver.batcher import BatcherUnavailable, CommitBatcher
 from relay.receiver.metrics import ReceiverMetrics
 from relay.receiver.tokens import TokenTable
 from relay.settings import Settings
@@ -82,7 +82,14 @@ def create_app(
         settings=settings,
         store=store,
         tokens=TokenTable(settings.aircall_tokens),
-        batcher=CommitBatcher(store.insert_events, on_batch=receiver_metrics.observe_commit),
+        batcher=CommitBatcher(
+            store.insert_events,
+            on_batch=receiver_metrics.observe_commit,
+            wait_seconds=commit_wait_seconds(settings),
+            key=_event_identity,
+            row_specific=row_specific_error,
+            probe=store.probe_write,
+        ),
         metrics=receiver_metrics,
         head_revision=head_revision,
         clock=clock or (lambda: datetime.now(UTC)),
@@ -148,12 +155,16 @@ def create_app(
     @app.get("/readyz")
     async def readyz() -> Response:
         schema = await state.store.schema_state()
-        ready = schema.reachable and schema.revision == state.head_revision
+        # After the schema's read, so that a failing write check (which closes the pooled
+        # connections on SQLite, see `OutboxStore`) also closes the one just used.
+        unwritable = await state.batcher.writable()
+        ready = schema.reachable and schema.revision == state.head_revision and not unwritable
         body = {
             "status": "ready" if ready else "not ready",
             "database": "reachable" if schema.reachable else f"unreachable ({schema.error})",
             "schema_revision": schema.revision,
             "expected_revision": state.head_revision,
+            "writes": "ok" if unwritable is None else f"failing ({unwritable})",
         }
         return Response(
             _json_text(body), status=200 if ready else 503, content_type="application/json"
@@ -238,7 +249,7 @@ async def _handle_webhook(state: ReceiverState) -> tuple[Response, dict[str, Any
     }
     try:
         stored = await state.batcher.submit(incoming)
-    except (BatcherClosed, BatcherOverloaded) as error:
+    except BatcherUnavailable as error:  # closed, overloaded, timed out, writer restarting
         fields.update(outcome="unavailable", detail=str(error))
         return _error(503, "unavailable", str(error), Retry_After=RETRY_AFTER_SECONDS), fields
     except Exception as error:  # nothing was committed: Aircall retries after a 503
@@ -259,6 +270,17 @@ async def _handle_webhook(state: ReceiverState) -> tuple[Response, dict[str, Any
     fields.update(outcome=outcome, duplicate=stored.duplicate, id=stored.id)
     body_out = {"status": outcome, "id": stored.id}
     return Response(_json_text(body_out), content_type="application/json"), fields
+
+
+def commit_wait_seconds(settings: Settings) -> float:
+    """How long a webhook waits for its commit at most: the batch ahead of it and its own may
+    each wait out `RELAY_DATABASE_TIMEOUT_SECONDS` for the database, plus a second for the work
+    (5 s by default: Aircall's own deadline)."""
+    return 2 * settings.database_timeout_seconds + 1.0
+
+
+def _event_identity(event: IncomingEvent) -> str:
+    return event.dedup_key
 
 
 def _too_large(length: int | None, limit: int) -> tuple[Response, dict[str, Any]]:

@@ -41,15 +41,17 @@ def run_relay(
 
 
 class RelayProcess:
-    """`aircall-relay <args>` in the background; its stdout is collected line by line."""
+    """`aircall-relay <args>` in the background; its stdout is collected line by line.
+    `options` go to `subprocess.Popen` (e.g. `user` and `group` to run as another user)."""
 
-    def __init__(self, *args: str, env: dict[str, str]) -> None:
+    def __init__(self, *args: str, env: dict[str, str], **options: Any) -> None:
         self.process = subprocess.Popen(
             [RELAY, *args],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            **options,
         )
         self.lines: list[str] = []
         self._new_line = threading.Condition()

@@ -19,12 +19,19 @@ from typing import Any
 
 import anyio
 import pytest
+from sqlalchemy.exc import DBAPIError
 
 from relay import aircall
 from relay.db.engine import create_engine
 from relay.db.migrate import head_revision
-from relay.db.store import IncomingEvent, OutboxStore, StoredEvent
-from tests.support import OutboxDatabase, incoming_event, sample
+from relay.db.store import IncomingEvent, OutboxStore, StoredEvent, row_specific_error
+from tests.support import (
+    OutboxDatabase,
+    incoming_event,
+    refuse_rows_of_event,
+    sample,
+    writes_held,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -271,6 +278,34 @@ async def test_two_stores_racing_on_one_event_make_one_row_and_one_first_receipt
         assert sorted(result.received_count for result in pair)[-1] == 2, number
     counts = await database.rows_async("SELECT received_count FROM outbox")
     assert [row["received_count"] for row in counts] == [2] * len(events)
+
+
+async def test_a_refused_row_is_told_apart_from_a_database_that_cannot_write(
+    database: OutboxDatabase,
+) -> None:
+    """`row_specific_error` on real errors: a row the database refuses (a trigger) is the row's;
+    a write lock held past the timeout is the database's. A refused row writes nothing of its
+    group, and leaves the store able to write the others."""
+    await refuse_rows_of_event(database, "call.refused")
+    refused = call_event("call.created", 5_400_000_001)
+    refused["event"] = "call.refused"
+    good = incoming(call_event("call.created", 5_400_000_002))
+    engine = create_engine(database.url, timeout_seconds=0.2)
+    store = OutboxStore(engine)
+    try:
+        with pytest.raises(DBAPIError, match="refused by a test trigger") as row_error:
+            await store.insert_events([good, incoming(refused)])
+        assert row_specific_error(row_error.value), row_error.value
+        assert await store.count_events() == 0
+        async with writes_held(database):
+            with pytest.raises(DBAPIError, match="lock") as locked:
+                await store.insert_events([good])
+        assert not row_specific_error(locked.value), locked.value
+        [stored] = await store.insert_events([good])
+        assert (stored.duplicate, stored.received_count) == (False, 1)
+    finally:
+        await store.close_writer()
+        await engine.dispose()
 
 
 async def test_get_event_and_count_events(stores: Stores) -> None:
