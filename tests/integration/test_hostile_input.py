@@ -15,6 +15,7 @@ import json
 import random
 import re
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,13 +29,14 @@ from relay import aircall
 from relay.db.delivery import DeliveryStore
 from relay.db.engine import create_engine, writer
 from relay.db.store import OutboxStore
-from relay.drainer.loop import Drainer, DrainerConfig
+from relay.drainer.loop import Drainer
 from relay.drainer.sender import SegmentSender
 from relay.json_text import indent_json
 from relay.segment import MappingOptions
 from relay.testing import FakeSegment, SourceConfig
 from tests.acceptance.processes import relay_env, run_relay
 from tests.conftest import make_settings
+from tests.integration.test_drainer import FAST, WRITE_KEY
 from tests.support import (
     SAMPLE_TOKEN,
     DatabaseFactory,
@@ -48,21 +50,8 @@ from tests.support import incoming_event as incoming
 
 WEBHOOK = "/aircall/webhook"
 JSON = {"content-type": "application/json"}
-WRITE_KEY = "wk_hostile_input_tests_0123456789"
-ONCE = DrainerConfig(
-    batch_size=50,
-    concurrency=2,
-    events_per_second=0,
-    requests_per_second=0,
-    settle_seconds=0,
-    lease_seconds=30,
-    poll_seconds=0.02,
-    retry_base_seconds=0.05,
-    retry_cap_seconds=0.3,
-    max_retry_after_seconds=5,
-    shutdown_grace_seconds=5,
-    configuration_retry_seconds=0.5,
-)
+# The drainer tests' settings, with no settle window: what is stored is deliverable at once.
+ONCE = replace(FAST, settle_seconds=0)
 
 
 @pytest.fixture
