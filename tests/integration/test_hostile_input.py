@@ -347,3 +347,27 @@ async def test_control_characters_are_escaped_in_human_output_and_exact_in_json(
     row = json.loads(as_json)
     assert row["event"] == HOSTILE_EVENT
     assert row["payload"]["data"]["comment"] == HOSTILE_TEXT
+
+
+@pytest.mark.anyio
+async def test_a_payload_written_by_hand_that_is_not_json_is_shown_as_stored(
+    sqlite_database: OutboxDatabase,
+) -> None:
+    """SQLite keeps any text in `payload` (PostgreSQL's `json` refuses it): `show` still
+    answers, with the text as stored and why it is not shown laid out."""
+    body = sample("call.created")
+    del body["token"]
+    row_id = await _store(sqlite_database, body)
+    await _rewrite(sqlite_database, row_id, payload='{"data": {"id": 1} trailing')
+    env = relay_env(sqlite_database.url)
+
+    human = run_relay("outbox", "show", str(row_id), env=env)
+    assert human.returncode == 0, human.stderr
+    assert (
+        "payload (not JSON: expected ',' or a closing bracket at character 19; shown as stored):\n"
+        '{"data": {"id": 1} trailing\n'
+    ) in human.stdout
+    as_json = json.loads(run_relay("outbox", "show", str(row_id), "--json", env=env).stdout)
+    assert as_json["payload"] is None
+    assert as_json["payload_text"] == '{"data": {"id": 1} trailing'
+    assert as_json["payload_error"].startswith("not JSON")
