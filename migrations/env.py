@@ -33,6 +33,8 @@ def _configure(connection: Connection) -> None:
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
         transaction_per_migration=True,
+        # `aircall-relay migrate` hears of each migration applied (relay/db/migrate.py).
+        on_version_apply=config.attributes.get("on_version_apply", ()),
     )
 
 

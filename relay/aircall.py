@@ -119,6 +119,25 @@ MESSAGE_ID_PREFIX: Final[str] = "aircall-"
 # millisecond value would land there) and could not be stored as a date either.
 _MAX_TIMESTAMP: Final[int] = 253_402_300_799
 
+# What the outbox keeps in columns of its own must be storable the same on SQLite and PostgreSQL
+# (docs/architecture.md, "What the receiver refuses"): the lengths of `outbox.resource`, `.event`
+# and `.resource_id` (relay/db/tables.py; a test checks they agree). `ordering_key` (200) holds
+# `resource:id`, at most 64 + 1 + 64 characters.
+MAX_RESOURCE_CHARS: Final[int] = 64
+MAX_EVENT_CHARS: Final[int] = 128
+MAX_RESOURCE_ID_CHARS: Final[int] = 64
+# A resource id as text has at most 64 characters: an integer of 64 digits, 63 with a minus sign.
+_RESOURCE_ID_INTEGERS: Final[range] = range(-(10**63) + 1, 10**64)
+
+# How deeply a body may nest (the body object is level 1; Aircall's payloads reach 5). Every later
+# stage (the canonical JSON, orjson's 255 levels, the mapping, the PII paths, the fake Segment,
+# `outbox show`) handles this with room to spare, whatever its caller's stack.
+MAX_NESTING: Final[int] = 100
+
+# C0 controls, DEL and C1 controls: what a name or an id may not hold (PostgreSQL's text cannot
+# hold NUL at all), and what human output escapes so that a webhook cannot drive a terminal.
+CONTROL_CHARACTERS: Final[re.Pattern[str]] = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
 
 _SURROGATE_ESCAPE: Final[re.Pattern[bytes]] = re.compile(rb"\\u[dD][89a-fA-F]")
 
@@ -173,9 +192,13 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     try:
         value = _DECODER.decode(text)
     except RecursionError:
-        raise BodyError("the JSON is nested too deeply") from None
+        raise BodyError(_TOO_DEEP) from None
     except ValueError as error:
         raise BodyError(f"the body is not valid JSON: {error}") from None
+    # A container holds at least one bracket of the text: with no more of them than the limit,
+    # the body cannot nest deeper (most bodies stop here).
+    if raw.count(b"{") + raw.count(b"[") > MAX_NESTING and _nested_deeper(value, MAX_NESTING):
+        raise BodyError(_TOO_DEEP)
     if not isinstance(value, dict):
         raise BodyError(f"the body must be a JSON object, not {_json_type(value)}")
     if _SURROGATE_ESCAPE.search(raw) is not None:
@@ -188,7 +211,31 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     return value
 
 
+_TOO_DEEP: Final[str] = (
+    f"the JSON is nested too deeply: the relay accepts at most {MAX_NESTING} levels "
+    "(the body object is level 1)"
+)
+
+
+def _nested_deeper(value: object, limit: int) -> bool:
+    """Whether `value` nests objects and arrays more than `limit` levels deep (a walk with a
+    stack of its own: no recursion, whatever the depth)."""
+    stack: list[tuple[dict[str, Any] | list[Any], int]] = []
+    if isinstance(value, dict | list):
+        stack.append((value, 1))
+    while stack:
+        node, level = stack.pop()
+        if level > limit:
+            return True
+        for child in node.values() if isinstance(node, dict) else node:
+            if isinstance(child, dict | list):
+                stack.append((child, level + 1))
+    return False
+
+
 def _json_type(value: object) -> str:
+    if isinstance(value, dict):
+        return "an object"
     if isinstance(value, list):
         return "an array"
     if isinstance(value, str):
@@ -247,22 +294,20 @@ def validate_envelope(body: dict[str, Any], *, parsed: bool = False) -> Envelope
     `data` is Aircall's business and is stored as it came. `parsed` says that `body` is what
     `parse_body` returned (see `Envelope.parsed`).
     """
-    resource = body.get("resource")
-    if not isinstance(resource, str) or not resource.strip():
-        raise EnvelopeError("resource", _expected("a non-empty string", body, "resource"))
-    event = body.get("event")
-    if not isinstance(event, str) or not event.strip():
-        raise EnvelopeError("event", _expected("a non-empty string", body, "event"))
-    if len(event) > 128 or len(resource) > 64:
-        raise EnvelopeError("event", "resource or event name is too long")
+    resource = _name(body, "resource", MAX_RESOURCE_CHARS)
+    event = _name(body, "event", MAX_EVENT_CHARS)
     timestamp = body.get("timestamp")
     if not isinstance(timestamp, int) or isinstance(timestamp, bool):
-        raise EnvelopeError("timestamp", _expected("an integer (UNIX seconds)", body, "timestamp"))
+        what = "an integer (UNIX seconds)"
+        if isinstance(timestamp, float):
+            raise EnvelopeError("timestamp", f"expected {what}, got a number with a fraction")
+        raise EnvelopeError("timestamp", _expected(what, body, "timestamp"))
     if not 0 <= timestamp <= _MAX_TIMESTAMP:
         raise EnvelopeError("timestamp", f"{timestamp} is not a UNIX time in seconds")
     data = body.get("data")
     if not isinstance(data, dict):
         raise EnvelopeError("data", _expected("an object", body, "data"))
+    _check_resource_id(data.get("id"))
     payload = {key: value for key, value in body.items() if key != "token"}
     return Envelope(
         resource=resource,
@@ -272,6 +317,52 @@ def validate_envelope(body: dict[str, Any], *, parsed: bool = False) -> Envelope
         payload=payload,
         parsed=parsed,
     )
+
+
+def _name(body: dict[str, Any], field: str, max_chars: int) -> str:
+    """`resource` or `event`: a non-empty string of printable characters that fits its column."""
+    value = body.get(field)
+    if not isinstance(value, str):
+        raise EnvelopeError(field, _expected("a non-empty string", body, field))
+    if not value.strip():
+        raise EnvelopeError(field, f"expected a non-empty string, got {_blank(value)}")
+    _check_text(field, value, max_chars)
+    return value
+
+
+def _check_resource_id(value: object) -> None:
+    """`data.id`, which becomes `resource_id` and the ordering key, must fit them when it is a
+    usable id (an integer or a non-blank string); anything else is no id at all (its event is a
+    key of its own) and is stored as it came."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int):
+        if value not in _RESOURCE_ID_INTEGERS:
+            raise EnvelopeError(
+                "data.id",
+                f"an integer too long to be a resource id: at most {MAX_RESOURCE_ID_CHARS} "
+                f"digits ({MAX_RESOURCE_ID_CHARS - 1} with a minus sign)",
+            )
+    elif isinstance(value, str) and value.strip():
+        _check_text("data.id", value, MAX_RESOURCE_ID_CHARS)
+
+
+def _check_text(field: str, value: str, max_chars: int) -> None:
+    if len(value) > max_chars:
+        raise EnvelopeError(
+            field, f"{len(value)} characters, longer than the {max_chars} the outbox keeps"
+        )
+    control = CONTROL_CHARACTERS.search(value)
+    if control is not None:
+        raise EnvelopeError(
+            field,
+            f"contains the control character U+{ord(control.group()):04X} at position "
+            f"{control.start()}; it must be printable text",
+        )
+
+
+def _blank(value: str) -> str:
+    return "an empty string" if not value else "a string of only whitespace"
 
 
 def _expected(what: str, body: dict[str, Any], field: str) -> str:

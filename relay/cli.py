@@ -194,8 +194,16 @@ def command_migrate(args: argparse.Namespace) -> int:
     path = sqlite_path(settings.database_url) if is_sqlite(settings.database_url) else None
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-    upgrade_to_head(settings.database_url)
-    log.info("migrated", revision=head_revision(), database=_describe_database(settings))
+    upgrade = upgrade_to_head(settings.database_url)
+    database = _describe_database(settings)
+    if not upgrade.applied:
+        print(f"already at head ({upgrade.head}), nothing to do (database: {database})")
+        return EXIT_OK
+    if upgrade.previous is None:
+        done = f"created the schema at head ({upgrade.head})"
+    else:
+        done = f"migrated from {upgrade.previous} to head ({upgrade.head})"
+    print(f"{done}: applied {', '.join(upgrade.applied)} (database: {database})")
     return EXIT_OK
 
 

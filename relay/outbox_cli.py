@@ -1,6 +1,9 @@
-"""`aircall-relay outbox ...`: statistics, listing, showing, requeueing and purging outbox rows.
+"""`aircall-relay outbox ...`: statistics, listing, showing, requeueing, purging and copying outbox
+rows.
 
 Output is a plain table for people, or JSON with `--json` for scripts. Times are UTC, ISO-8601.
+Control characters in tables are escaped (`\\n`, `\\x1b`); `--json` gives the exact text.
+`copy` and `purge` report their progress on stderr.
 Exit codes: 0 done; 1 the database failed; 2 a bad option; 4 `show` found no such row.
 """
 
@@ -9,15 +12,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
 
+from relay.aircall import CONTROL_CHARACTERS
 from relay.db.engine import create_engine
 from relay.db.inspect import EventFilter, OutboxInspector
 from relay.db.transfer import TransferError, copy_outbox
+from relay.json_text import indent_json
+from relay.progress import ProgressDisplay
 from relay.settings import Settings, normalise_database_url
 
 EXIT_OK = 0
@@ -52,55 +59,42 @@ def _days(text: str) -> float:
     return value
 
 
-def add_outbox_commands(commands: Any) -> None:
-    outbox = commands.add_parser(
-        "outbox",
-        help="inspect and manage outbox rows (stats, list, show, requeue, purge)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+def _add_filters(parser: argparse.ArgumentParser, statuses: Sequence[str]) -> None:
+    parser.add_argument(
+        "--status", action="append", choices=statuses, help="row status (repeatable)"
     )
-    actions = outbox.add_subparsers(dest="outbox_command", required=True, metavar="ACTION")
+    parser.add_argument("--event", action="append", help="Aircall event, e.g. call.ended")
+    parser.add_argument("--key", help="ordering key, e.g. call:1903456789")
+    parser.add_argument("--since", type=_moment, help="received at or after (ISO time or 2h)")
+    parser.add_argument("--until", type=_moment, help="received before (ISO time or 30m)")
 
-    def add_filters(parser: argparse.ArgumentParser, statuses: Sequence[str]) -> None:
-        parser.add_argument(
-            "--status", action="append", choices=statuses, help="row status (repeatable)"
-        )
-        parser.add_argument("--event", action="append", help="Aircall event, e.g. call.ended")
-        parser.add_argument("--key", help="ordering key, e.g. call:1903456789")
-        parser.add_argument("--since", type=_moment, help="received at or after (ISO time or 2h)")
-        parser.add_argument("--until", type=_moment, help="received before (ISO time or 30m)")
 
-    stats = actions.add_parser(
-        "stats",
-        help="counts by status and event, oldest pending age, dead rows, calls awaiting call.ended",
-    )
+def _stats_arguments(stats: argparse.ArgumentParser) -> None:
     stats.add_argument("--json", action="store_true", help="print JSON")
     stats.set_defaults(outbox_handler=_stats)
 
-    listing = actions.add_parser("list", help="rows, newest first")
-    add_filters(listing, STATUSES)
+
+def _list_arguments(listing: argparse.ArgumentParser) -> None:
+    _add_filters(listing, STATUSES)
     listing.add_argument("--limit", type=int, default=50, help="at most this many rows (50)")
     listing.add_argument("--json", action="store_true", help="print JSON lines")
     listing.set_defaults(outbox_handler=_list)
 
-    show = actions.add_parser("show", help="one row, its payload and its delivery requests")
+
+def _show_arguments(show: argparse.ArgumentParser) -> None:
     show.add_argument("reference", metavar="ID|MESSAGE_ID", help="receipt id or Segment messageId")
     show.add_argument("--json", action="store_true", help="print JSON")
     show.set_defaults(outbox_handler=_show)
 
-    requeue = actions.add_parser(
-        "requeue",
-        help="put rows back to pending (default: every dead row; narrow with filters)",
-    )
-    add_filters(requeue, ("dead", "skipped", "delivered"))
+
+def _requeue_arguments(requeue: argparse.ArgumentParser) -> None:
+    _add_filters(requeue, ("dead", "skipped", "delivered"))
     requeue.add_argument("--id", type=int, action="append", help="receipt id (repeatable)")
     requeue.add_argument("--dry-run", action="store_true", help="count, change nothing")
     requeue.set_defaults(outbox_handler=_requeue)
 
-    purge = actions.add_parser(
-        "purge",
-        help="delete old delivered (or skipped) rows in batches; never pending or dead rows",
-    )
+
+def _purge_arguments(purge: argparse.ArgumentParser) -> None:
     purge.add_argument(
         "--delivered-older-than",
         type=_days,
@@ -116,17 +110,9 @@ def add_outbox_commands(commands: Any) -> None:
     purge.add_argument("--batch-size", type=int, default=1000, help="rows per transaction (1000)")
     purge.add_argument("--dry-run", action="store_true", help="count, delete nothing")
     purge.set_defaults(outbox_handler=_purge)
-    add_copy_command(actions)
 
 
-def add_copy_command(actions: Any) -> None:
-    copy = actions.add_parser(
-        "copy",
-        help="copy a whole outbox from another database into this one (e.g. SQLite to PostgreSQL)",
-        description="Copy every outbox row and delivery request, ids and statuses included, from "
-        "--from URL into the database of RELAY_DATABASE_URL, which must be migrated and empty. "
-        "Stop the relay that writes the source first.",
-    )
+def _copy_arguments(copy: argparse.ArgumentParser) -> None:
     copy.add_argument(
         "--from",
         dest="source_url",
@@ -136,6 +122,63 @@ def add_copy_command(actions: Any) -> None:
     )
     copy.add_argument("--batch-size", type=int, default=1000, help="rows per transaction (1000)")
     copy.set_defaults(outbox_handler=_copy)
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxAction:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    description: str | None = None
+
+
+# Every `outbox` action, in the order `--help` lists them: the parsers and the top-level help's
+# list of actions are both made from this.
+OUTBOX_ACTIONS: tuple[OutboxAction, ...] = (
+    OutboxAction(
+        "stats",
+        "counts by status and event, oldest pending age, dead rows, calls awaiting call.ended",
+        _stats_arguments,
+    ),
+    OutboxAction("list", "rows, newest first", _list_arguments),
+    OutboxAction("show", "one row, its payload and its delivery requests", _show_arguments),
+    OutboxAction(
+        "requeue",
+        "put rows back to pending (default: every dead row; narrow with filters)",
+        _requeue_arguments,
+    ),
+    OutboxAction(
+        "purge",
+        "delete old delivered (or skipped) rows in batches; never pending or dead rows; "
+        "progress on stderr",
+        _purge_arguments,
+    ),
+    OutboxAction(
+        "copy",
+        "copy a whole outbox from another database into this one (e.g. SQLite to PostgreSQL); "
+        "progress on stderr",
+        _copy_arguments,
+        description="Copy every outbox row and delivery request, ids and statuses included, "
+        "from --from URL into the database of RELAY_DATABASE_URL, which must be migrated and "
+        "empty. Stop the relay that writes the source first. Progress goes to stderr: a line "
+        "rewritten in place on a terminal, a plain line every 10 s otherwise.",
+    ),
+)
+
+
+def add_outbox_commands(commands: Any) -> None:
+    names = ", ".join(action.name for action in OUTBOX_ACTIONS)
+    outbox = commands.add_parser(
+        "outbox",
+        help=f"inspect and manage outbox rows ({names})",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    actions = outbox.add_subparsers(dest="outbox_command", required=True, metavar="ACTION")
+    for action in OUTBOX_ACTIONS:
+        action.add_arguments(
+            actions.add_parser(action.name, help=action.help, description=action.description)
+        )
 
 
 def run_outbox_command(args: argparse.Namespace, settings: Settings) -> int:
@@ -225,16 +268,30 @@ async def _show(args: argparse.Namespace, inspector: OutboxInspector, settings: 
     if row is None:
         print(f"no outbox row with id or messageId {args.reference!r}")
         return EXIT_NOT_FOUND
+    stored = row["payload"]  # the JSON text stored: shown at any depth (relay/json_text.py)
+    try:
+        payload = indent_json(stored, level=1 if args.json else 0, ensure_ascii=args.json)
+        payload_error = None
+    except ValueError as error:  # a row written by hand, not by the relay
+        payload, payload_error = None, str(error)
     if args.json:
-        print(json.dumps(row, default=_json_default, indent=2))
+        if payload is not None:
+            print(_json_object(row, {"payload": payload}))
+        else:
+            row.update(payload=None, payload_error=payload_error, payload_text=stored)
+            print(json.dumps(row, default=_json_default, indent=2))
         return EXIT_OK
+    del row["payload"]
     requests = row.pop("delivery_requests")
-    payload = row.pop("payload")
     width = max(len(name) for name in row)
     for name, value in row.items():
         print(f"{name.ljust(width)}  {_cell(value)}")
-    print("\npayload:")
-    print(json.dumps(payload, indent=2, ensure_ascii=False))
+    if payload_error is None:
+        print("\npayload:")
+        print(payload)
+    else:
+        print(f"\npayload ({payload_error}; shown as stored):")
+        print(printable(stored))
     print(f"\ndelivery requests ({len(requests)}):")
     if requests:
         columns = [
@@ -248,6 +305,19 @@ async def _show(args: argparse.Namespace, inspector: OutboxInspector, settings: 
         ]
         print(_table(requests, columns))
     return EXIT_OK
+
+
+def _json_object(row: dict[str, Any], texts: dict[str, str]) -> str:
+    """`json.dumps(row, indent=2)`, but with the value of each key of `texts` written as that
+    JSON text (laid out for its place, one level deep)."""
+    members = []
+    for name, value in row.items():
+        if name in texts:
+            text = texts[name]
+        else:  # json.dumps breaks lines only between members, never inside a string
+            text = json.dumps(value, default=_json_default, indent=2).replace("\n", "\n  ")
+        members.append(f"  {json.dumps(name)}: {text}")
+    return "{\n" + ",\n".join(members) + "\n}"
 
 
 async def _requeue(args: argparse.Namespace, inspector: OutboxInspector, settings: Settings) -> int:
@@ -267,15 +337,23 @@ async def _purge(args: argparse.Namespace, inspector: OutboxInspector, settings:
         return EXIT_USAGE
     now = datetime.now(UTC)
     verb = "would delete" if args.dry_run else "deleted"
+    progress = ProgressDisplay(sys.stderr)
     for status, days in (
         ("delivered", args.delivered_older_than),
         ("skipped", args.skipped_older_than),
     ):
         if days is None:
             continue
-        count = await inspector.purge(
-            status, now - timedelta(days=days), dry_run=args.dry_run, batch_size=args.batch_size
-        )
+        try:
+            count = await inspector.purge(
+                status,
+                now - timedelta(days=days),
+                dry_run=args.dry_run,
+                batch_size=args.batch_size,
+                progress=None if args.dry_run else progress,
+            )
+        finally:
+            progress.close()
         print(f"{verb} {count} {status} row(s) older than {days:g} day(s)")
     return EXIT_OK
 
@@ -286,12 +364,16 @@ async def _copy(args: argparse.Namespace, inspector: OutboxInspector, settings: 
         settings.database_timeout_seconds,
         statement_timeout_seconds=None,
     )
+    progress = ProgressDisplay(sys.stderr)
     try:
-        result = await copy_outbox(source, inspector.engine, batch_size=args.batch_size)
+        result = await copy_outbox(
+            source, inspector.engine, batch_size=args.batch_size, progress=progress
+        )
     except TransferError as error:
         print(f"aircall-relay outbox copy: {error}", file=sys.stderr)
         return EXIT_USAGE
     finally:
+        progress.close()
         await source.dispose()
     print(
         f"copied {result.outbox_rows} outbox row(s) and {result.delivery_requests} delivery "
@@ -306,17 +388,24 @@ def _json_default(value: object) -> object:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
+def printable(text: str) -> str:
+    """`text` for a terminal: control characters (newlines, escape sequences, C1) shown as
+    Python writes them in a string (`\\n`, `\\x1b`), so that a webhook cannot break a table
+    or drive the operator's terminal. `--json` output is exact instead."""
+    return CONTROL_CHARACTERS.sub(lambda control: repr(control.group())[1:-1], text)
+
+
 def _cell(value: object) -> str:
     if value is None:
         return ""
     if isinstance(value, datetime):
         return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
-    text = str(value)
+    text = printable(str(value))
     return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _pairs(counts: dict[str, int]) -> str:
-    return ", ".join(f"{name} {count}" for name, count in counts.items())
+    return ", ".join(f"{printable(name)} {count}" for name, count in counts.items())
 
 
 def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:

@@ -23,7 +23,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from relay.aircall import message_id_for, validate_envelope
+from relay.aircall import Envelope, message_id_for
 from relay.db.migrate import upgrade_to_head
 from relay.segment import OutboxEvent
 from relay.settings import normalise_database_url
@@ -483,8 +483,16 @@ def assert_first_accepted_in_order(
 
 def outbox_event(body: dict[str, Any], payload: Any = None) -> OutboxEvent:
     """The OutboxEvent of a webhook body, computed the way the receiver stores its row; its
-    payload the parsed one, or `payload` (e.g. the stored JSON text) when given."""
-    envelope = validate_envelope(dict(body))
+    payload the parsed one, or `payload` (e.g. the stored JSON text) when given. The envelope
+    is not checked as the receiver checks it: mapping must map any stored row, rows stored
+    before a check was added (a control character in `data.id`) included."""
+    envelope = Envelope(
+        resource=body["resource"],
+        event=body["event"],
+        timestamp=body["timestamp"],
+        data=body["data"],
+        payload={key: value for key, value in body.items() if key != "token"},
+    )
     return OutboxEvent(
         message_id=message_id_for(envelope.dedup_key),
         resource=envelope.resource,

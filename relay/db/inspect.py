@@ -21,6 +21,7 @@ from relay.db.engine import not_abandoned, writer
 from relay.db.gauges import count_calls_awaiting_call_ended
 from relay.db.notify import notify_statement
 from relay.db.tables import delivery_requests, outbox, utc_datetime
+from relay.progress import ProgressCallback
 
 REQUEUABLE_STATUSES = ("dead", "skipped", "delivered")
 PURGEABLE_STATUSES = ("delivered", "skipped", "dead")
@@ -39,6 +40,12 @@ LIST_COLUMNS = (
     outbox.c.late,
     outbox.c.last_error,
     outbox.c.message_id,
+)
+
+# Every column of a row, the payload as its stored JSON text.
+_ROW_COLUMNS = tuple(
+    sa.cast(column, sa.Text()).label("payload") if column.name == "payload" else column
+    for column in outbox.c
 )
 
 
@@ -131,7 +138,8 @@ class OutboxInspector:
         """A row by receipt id (digits) or by messageId, with the requests that carried it.
 
         A messageId is found through its dedup key (`aircall-` + the key), which is indexed;
-        `message_id` itself is not (migration 0004).
+        `message_id` itself is not (migration 0004). The payload is the JSON text stored, not
+        parsed: any stored row can be shown, however deeply it nests (`relay/json_text.py`).
         """
         if reference.isdigit():
             condition = outbox.c.id == int(reference)
@@ -141,7 +149,7 @@ class OutboxInspector:
         else:
             return None
         async with self.engine.connect() as connection:
-            row = (await connection.execute(sa.select(outbox).where(condition))).first()
+            row = (await connection.execute(sa.select(*_ROW_COLUMNS).where(condition))).first()
             if row is None:
                 return None
             found = dict(row._mapping)
@@ -219,28 +227,24 @@ class OutboxInspector:
         older_than: datetime,
         dry_run: bool,
         batch_size: int = 1000,
+        progress: ProgressCallback | None = None,
     ) -> int:
         """Delete rows of `status` (delivered, skipped or dead) older than the cut-off, in
         batches; delivered rows are aged by `delivered_at`, the others by `received_at`.
         With delivered rows go the `delivery_requests` records older than the cut-off, except
-        those that rejected a message (they explain dead rows, which are kept)."""
+        those that rejected a message (they explain dead rows, which are kept). `progress`
+        hears ("<status> rows" or "delivery requests", deleted, total) before the first batch
+        and after each."""
         if status not in PURGEABLE_STATUSES:
             raise ValueError(f"cannot purge {status} rows")
         age = outbox.c.delivered_at if status == "delivered" else outbox.c.received_at
         condition = sa.and_(outbox.c.status == status, age < older_than)
         if dry_run:
-            with not_abandoned(self.engine):
-                async with self.engine.connect() as connection:
-                    count = await connection.scalar(
-                        sa.select(sa.func.count()).select_from(outbox).where(condition)
-                    )
-            return int(count or 0)
+            return await self._count(outbox, condition)
         select_rows = (
             sa.select(outbox.c.id).where(condition).order_by(outbox.c.id).limit(batch_size)
         )
-        deleted = 0
-        while count := await self._delete_batch(select_rows, outbox.c.id):
-            deleted += count
+        deleted = await self._delete_all(select_rows, outbox.c.id, progress, f"{status} rows")
         if status == "delivered":
             select_requests = (
                 sa.select(delivery_requests.c.id)
@@ -250,9 +254,39 @@ class OutboxInspector:
                 )
                 .limit(batch_size)
             )
-            while await self._delete_batch(select_requests, delivery_requests.c.id):
-                pass
+            await self._delete_all(
+                select_requests, delivery_requests.c.id, progress, "delivery requests"
+            )
         return deleted
+
+    async def _count(self, table: sa.Table, condition: Any) -> int:
+        with not_abandoned(self.engine):
+            async with self.engine.connect() as connection:
+                count = await connection.scalar(
+                    sa.select(sa.func.count()).select_from(table).where(condition)
+                )
+        return int(count or 0)
+
+    async def _delete_all(
+        self,
+        select_ids: sa.Select[Any],
+        id_column: Any,
+        progress: ProgressCallback | None,
+        what: str,
+    ) -> int:
+        """Delete, batch after batch, the rows whose ids `select_ids` reads (a batch's worth at
+        a time) until it reads none; how many. With `progress`, they are counted first."""
+        total = None
+        if progress is not None:
+            total = await self._count(id_column.table, select_ids.whereclause)
+        deleted = 0
+        while True:
+            if progress is not None:
+                progress(what, deleted, total)
+            count = await self._delete_batch(select_ids, id_column)
+            if not count:
+                return deleted
+            deleted += count
 
     async def _delete_batch(self, select_ids: Any, id_column: Any) -> int:
         """One batch of a purge, in a transaction of its own: the rows whose ids `select_ids`

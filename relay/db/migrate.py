@@ -7,10 +7,13 @@ when an event loop is already running.
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationInfo
 from alembic.script import ScriptDirectory
 
 
@@ -35,8 +38,35 @@ def head_revision() -> str:
     return heads[0]
 
 
-def upgrade_to_head(database_url: str) -> None:
-    command.upgrade(alembic_config(database_url), "head")
+@dataclass(frozen=True, slots=True)
+class Upgrade:
+    """What `upgrade_to_head` did: the revision the database was at (None: no schema yet), the
+    revisions applied, in order (none: it was already at head), and the head."""
+
+    previous: str | None
+    applied: tuple[str, ...]
+    head: str
+
+
+def upgrade_to_head(database_url: str) -> Upgrade:
+    config = alembic_config(database_url)
+    steps: list[MigrationInfo] = []
+
+    def applied(*, step: MigrationInfo, **_: Any) -> None:
+        steps.append(step)
+
+    # Alembic calls these for each migration it runs (migrations/env.py passes them on).
+    config.attributes["on_version_apply"] = (applied,)
+    command.upgrade(config, "head")
+    head = head_revision()
+    if not steps:
+        return Upgrade(previous=head, applied=(), head=head)
+    down = steps[0].down_revision_ids
+    return Upgrade(
+        previous=down[0] if down else None,
+        applied=tuple(str(step.up_revision_id) for step in steps),
+        head=head,
+    )
 
 
 def downgrade_to(database_url: str, revision: str) -> None:

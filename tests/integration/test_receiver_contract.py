@@ -291,6 +291,11 @@ BAD_ENVELOPES: dict[str, dict[str, Any]] = {
     "timestamp_missing": _without("timestamp"),
     "data_missing": _without("data"),
     "resource_number": _with("resource", 3),
+    "resource_object": _with("resource", {}),
+    "resource_too_long": _with("resource", "r" * 65),
+    "resource_nul": _with("resource", "ca\x00ll"),
+    "event_too_long": _with("event", "call." + "x" * 124),
+    "event_escape_sequence": _with("event", "call.created\x1b[2J"),
     "event_empty": _with("event", ""),
     "event_object": _with("event", {"name": "call.created"}),
     "timestamp_string": _with("timestamp", "1773151326"),
@@ -300,6 +305,8 @@ BAD_ENVELOPES: dict[str, dict[str, Any]] = {
     "timestamp_negative": _with("timestamp", -1),
     "data_array": _with("data", [1, 2]),
     "data_null": _with("data", None),
+    "data_id_nul": _with("data", {"id": "1903\x00456789"}),
+    "data_id_of_65_digits": _with("data", {"id": 10**64}),
 }
 
 

@@ -85,7 +85,8 @@ def test_numbers_orjson_spells_differently_keep_the_standard_spelling(
 def test_nesting_beyond_orjsons_limit_still_gives_the_canonical_text() -> None:
     depth = 400  # orjson refuses to encode more than 254 levels
     raw = ('{"data":' + '{"a":' * depth + "1" + "}" * depth + "}").encode()
-    parsed = aircall.parse_body(raw)
+    # The receiver refuses a body this deep (aircall.MAX_NESTING); the function still copes.
+    parsed = json.loads(raw)
     assert aircall.canonical_json_bytes(parsed) == raw
 
 
