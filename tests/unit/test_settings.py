@@ -209,3 +209,19 @@ def test_drainer_metrics_port_from_toml(tmp_path: Path) -> None:
 def test_bad_drainer_metrics_settings_name_the_setting(name: str, raw: str, message: str) -> None:
     with pytest.raises(SettingsError, match=f"{name}: {message}"):
         load_settings({name: raw})
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [("RELAY_SEGMENT_WRITE_KEY", "abc"), ("RELAY_PII_HASH_KEY", "k3y-0123456")]
+)
+def test_a_short_secret_is_refused_naming_the_setting_never_the_value(
+    name: str, value: str
+) -> None:
+    """The redactor replaces a secret wherever it appears: a write key of a few characters
+    would blank them inside every word of every log line (`drain[redacted]r_started`)."""
+    with pytest.raises(SettingsError, match="at least") as caught:
+        load_settings({name: value, "RELAY_PII_HASH_PATHS": "raw_digits"})
+    assert str(caught.value).startswith(name)
+    assert value not in str(caught.value)
+    key = "wk_" + "x" * 5  # 8 characters: the shortest accepted
+    assert load_settings({"RELAY_SEGMENT_WRITE_KEY": key}).segment_write_key == Secret(key)
