@@ -189,12 +189,26 @@ def normalise_database_url(url: str) -> str:
 
 
 def _database_url(raw: Any, where: str) -> str:
-    url = normalise_database_url(_text(raw, where))
+    text = _text(raw, where)
+    url = normalise_database_url(text)
     if not url.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
         scheme = url.split("://", 1)[0] if "://" in url else "(none)"
         raise SettingsError(
             f"{where}: expected a sqlite:/// or postgresql:// URL, got scheme {scheme!r}"
         )
+    if url.startswith("sqlite"):
+        # A SQLite URL has no host: `sqlite://outbox.db` would name a host and no file.
+        parts = urlsplit(url)
+        if parts.netloc:
+            raise SettingsError(
+                f"{where}: {text!r} names no file: write sqlite:///outbox.db (three slashes, "
+                "relative to the working directory) or sqlite:////var/lib/outbox.db (absolute)"
+            )
+        if parts.path in {"", "/", "/:memory:"}:
+            raise SettingsError(
+                f"{where}: an in-memory SQLite database would lose every event; name a file, "
+                "like sqlite:///data/outbox.sqlite3"
+            )
     return url
 
 
@@ -681,6 +695,13 @@ class Settings:
             raise SettingsError(
                 "RELAY_AIRCALL_TOKENS: no Aircall token configured, so every webhook would be "
                 "refused with 401; set it to label:token pairs"
+            )
+
+    def require_write_key(self) -> None:
+        if self.segment_write_key is None:
+            raise SettingsError(
+                "RELAY_SEGMENT_WRITE_KEY: not set, so nothing could be delivered; set it to the "
+                "write key of your Segment HTTP API source"
             )
 
     def check_tls(self) -> None:

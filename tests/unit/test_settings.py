@@ -225,3 +225,19 @@ def test_a_short_secret_is_refused_naming_the_setting_never_the_value(
     assert value not in str(caught.value)
     key = "wk_" + "x" * 5  # 8 characters: the shortest accepted
     assert load_settings({"RELAY_SEGMENT_WRITE_KEY": key}).segment_write_key == Secret(key)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("sqlite://relative.db", "'sqlite://relative.db' names no file: write sqlite:///"),
+        ("sqlite://", "in-memory SQLite database would lose every event"),
+        ("sqlite:///:memory:", "in-memory SQLite database would lose every event"),
+    ],
+)
+def test_a_sqlite_url_without_a_file_is_a_configuration_error(url: str, message: str) -> None:
+    """configuration.md promises exit 2 for a wrong value: `sqlite://relative.db` used to reach
+    the database layer (an ArgumentError, exit 1)."""
+    with pytest.raises(SettingsError, match=re.escape(message)) as caught:
+        load_settings({"RELAY_DATABASE_URL": url})
+    assert str(caught.value).startswith("RELAY_DATABASE_URL: ")
