@@ -321,7 +321,7 @@ def command_demo(args: argparse.Namespace) -> int:
     from relay.demo import run_demo
 
     configure_logging("console", "warning")
-    return run_demo(seed=args.seed)
+    return run_demo(seed=args.seed, keep=args.keep)
 
 
 def command_fake_segment(args: argparse.Namespace) -> int:
@@ -406,6 +406,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a first run: relay and fake Segment on free ports, the sample call posted shuffled",
     )
     demo.add_argument("--seed", type=int, help="seed of the shuffle (default: random)")
+    demo.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the temporary folder with the outbox, and print how to look at it",
+    )
     demo.set_defaults(handler=command_demo)
 
     add_outbox_commands(commands)
