@@ -9,6 +9,7 @@ wrong, 1 the database does not answer, 3 the schema is not at head; 0 when ready
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final, Literal
 
@@ -66,6 +67,19 @@ class Report:
 
     def add(self, check: str, status: Status, message: str) -> None:
         self.findings.append(Finding(check, status, message))
+
+    def require(
+        self, check: str, requirement: Callable[[], None], ok: str | None, refused: str = ""
+    ) -> None:
+        """Run a settings check (`Settings.require_tokens`, ...): its SettingsError is a failed
+        finding (with what the refusal means), else `ok` is said, if any."""
+        try:
+            requirement()
+        except SettingsError as error:
+            self.add(check, "failed", f"{error}{refused}.")
+        else:
+            if ok is not None:
+                self.add(check, "ok", ok)
 
     @property
     def exit_code(self) -> int:
@@ -161,22 +175,17 @@ async def check(settings: Settings, role: str) -> Report:
 
 
 def _check_receiver(settings: Settings, report: Report) -> None:
-    try:
-        settings.require_tokens()
-    except SettingsError as error:
-        report.add("receiver", "failed", f"{error}; `serve` and `run` refuse to start.")
-    else:
-        labels = ", ".join(token.label for token in settings.aircall_tokens)
-        count = len(settings.aircall_tokens)
-        tokens = "1 Aircall token" if count == 1 else f"{count} Aircall tokens"
-        report.add("receiver", "ok", f"{tokens} configured (labels: {labels}).")
-    try:
-        settings.check_tls()
-    except SettingsError as error:
-        report.add("receiver", "failed", f"{error}.")
-    else:
-        if settings.tls_certfile is not None:
-            report.add("receiver", "ok", f"serves HTTPS with {settings.tls_certfile}.")
+    count = len(settings.aircall_tokens)
+    labels = ", ".join(token.label for token in settings.aircall_tokens)
+    tokens = "1 Aircall token" if count == 1 else f"{count} Aircall tokens"
+    report.require(
+        "receiver",
+        settings.require_tokens,
+        ok=f"{tokens} configured (labels: {labels}).",
+        refused="; `serve` and `run` refuse to start",
+    )
+    https = settings.tls_certfile and f"serves HTTPS with {settings.tls_certfile}."
+    report.require("receiver", settings.check_tls, ok=https or None)
     unknown = settings.unknown_forward_events()
     if unknown:
         report.add(
@@ -188,16 +197,12 @@ def _check_receiver(settings: Settings, report: Report) -> None:
 
 
 def _check_drainer(settings: Settings, report: Report) -> None:
-    try:
-        settings.require_write_key()
-    except SettingsError as error:
-        report.add("drainer", "failed", f"{error}; `drain` refuses to start.")
-    else:
-        report.add(
-            "drainer",
-            "ok",
-            f"a Segment write key is set; events go to {settings.segment_base_url}/v1/batch.",
-        )
+    report.require(
+        "drainer",
+        settings.require_write_key,
+        ok=f"a Segment write key is set; events go to {settings.segment_base_url}/v1/batch.",
+        refused="; `drain` refuses to start",
+    )
 
 
 async def _check_database(settings: Settings, report: Report) -> None:
