@@ -2,7 +2,8 @@
 stores and apps from settings.
 
 Exit codes: 0 success; 1 a runtime failure (database unreachable, migration failed); 2 a usage
-or configuration error (the message names the setting); 3 `check` found the relay not ready.
+or configuration error (the message names the setting); 3 the schema is not at the head this
+version expects (`check`, and `serve`, `drain`, `run` at start: `relay.check`).
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ import anyio
 from prometheus_client import CollectorRegistry
 
 from relay import __version__
+from relay.check import ROLES, NotReady, check, require_schema_at_head, unreadable_settings
 from relay.db import DatabaseError
 from relay.db.delivery import DeliveryStore
-from relay.db.engine import create_engine, is_sqlite, sqlite_path
+from relay.db.engine import create_engine, describe_url, is_sqlite, sqlite_path
 from relay.db.inspect import OutboxInspector
 from relay.db.migrate import head_revision, upgrade_to_head
 from relay.db.notify import listener_for
@@ -105,11 +107,8 @@ def build_drainer(
     settings: Settings, require_write_key: bool, metrics: DrainerMetrics | None = None
 ) -> Drainer:
     """The drainer; without a write key it runs paused (for `run`) or is refused (for `drain`)."""
-    if settings.segment_write_key is None and require_write_key:
-        raise SettingsError(
-            "RELAY_SEGMENT_WRITE_KEY: not set, so nothing could be delivered; set it to the write "
-            "key of your Segment HTTP API source"
-        )
+    if require_write_key:
+        settings.require_write_key()
     engine = create_engine(settings.database_url, settings.database_timeout_seconds)
     config = DrainerConfig.from_settings(settings)
     sender = (
@@ -213,8 +212,9 @@ def command_serve(args: argparse.Namespace) -> int:
     settings = build_settings(args)
     setup_logging(settings)
     settings.check_tls()
+    settings.require_tokens()
+    asyncio.run(require_schema_at_head(settings))
     if settings.workers > 1:
-        settings.require_tokens()
         if settings.config_file:  # the workers read their settings from the environment
             os.environ[CONFIG_FILE_ENV] = settings.config_file
         return serve_with_workers(settings)
@@ -227,6 +227,8 @@ def command_serve(args: argparse.Namespace) -> int:
 def command_drain(args: argparse.Namespace) -> int:
     settings = build_settings(args)
     setup_logging(settings)
+    settings.require_write_key()
+    asyncio.run(require_schema_at_head(settings))
     drainer = build_drainer(settings, require_write_key=True)
 
     async def main() -> DrainSummary:
@@ -261,6 +263,8 @@ def command_run(args: argparse.Namespace) -> int:
     settings = build_settings(args)
     setup_logging(settings)
     settings.check_tls()
+    settings.require_tokens()
+    asyncio.run(require_schema_at_head(settings))
     # One scrape for both: the receiver's /metrics renders the drainer's registry too (the
     # drainer's own metrics port is not opened).
     drainer_metrics = DrainerMetrics()
@@ -325,7 +329,7 @@ def command_demo(args: argparse.Namespace) -> int:
     from relay.demo import run_demo
 
     configure_logging("console", "warning")
-    return run_demo(seed=args.seed)
+    return run_demo(seed=args.seed, keep=args.keep)
 
 
 def command_fake_segment(args: argparse.Namespace) -> int:
@@ -333,39 +337,22 @@ def command_fake_segment(args: argparse.Namespace) -> int:
 
 
 def command_check(args: argparse.Namespace) -> int:
-    settings = build_settings(args)
-    setup_logging(settings)
-
-    async def inspect() -> tuple[bool, dict[str, Any]]:
-        store = build_store(settings)
-        try:
-            schema = await store.schema_state()
-        finally:
-            await store.engine.dispose()
-        expected = head_revision()
-        ready = schema.reachable and schema.revision == expected
-        return ready, {
-            "database": _describe_database(settings),
-            "reachable": schema.reachable,
-            "error": schema.error,
-            "schema_revision": schema.revision,
-            "expected_revision": expected,
-            "aircall_tokens": len(settings.aircall_tokens),
-            "segment_write_key": "set" if settings.segment_write_key else "not set",
-        }
-
-    ready, report = asyncio.run(inspect())
-    for name, value in report.items():
-        print(f"{name}: {value}")
-    print("ready" if ready else "not ready")
-    return EXIT_OK if ready else EXIT_NOT_READY
+    try:
+        settings = build_settings(args)
+    except SettingsError as error:
+        if not args.json:
+            raise  # the usual message on stderr, exit 2
+        report = unreadable_settings(args.role, error)
+    else:
+        # The report is on stdout: logs (libraries' warnings) go to stderr.
+        configure_logging(settings.log_format, "warning", settings.secrets(), stream=sys.stderr)
+        report = asyncio.run(check(settings, args.role))
+    print(json.dumps(report.as_json()) if args.json else report.as_text())
+    return report.exit_code
 
 
 def _describe_database(settings: Settings) -> str:
-    """The database URL without any password."""
-    from sqlalchemy.engine import make_url
-
-    return make_url(settings.database_url).render_as_string(hide_password=True)
+    return describe_url(settings.database_url)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,6 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a first run: relay and fake Segment on free ports, the sample call posted shuffled",
     )
     demo.add_argument("--seed", type=int, help="seed of the shuffle (default: random)")
+    demo.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the temporary folder with the outbox, and print how to look at it",
+    )
     demo.set_defaults(handler=command_demo)
 
     add_outbox_commands(commands)
@@ -435,10 +427,19 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = commands.add_parser("migrate", help="create or upgrade the outbox schema")
     migrate.set_defaults(handler=command_migrate)
 
-    check = commands.add_parser(
-        "check", help="check settings, database and schema; exit 3 when not ready"
+    check_command = commands.add_parser(
+        "check",
+        help="check what a role needs (settings, database, schema); exit 2 for a setting, 1 for "
+        "the database, 3 for the schema",
     )
-    check.set_defaults(handler=command_check)
+    check_command.add_argument(
+        "--role",
+        choices=ROLES,
+        default="all",
+        help="what to check for: the receiver (`serve`), the drainer (`drain`), or all (default)",
+    )
+    check_command.add_argument("--json", action="store_true", help="print JSON")
+    check_command.set_defaults(handler=command_check)
     return parser
 
 
@@ -450,6 +451,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as error:
         print(f"aircall-relay: configuration error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except NotReady as error:  # before `serve`, `drain` or `run` listened or claimed
+        print(f"aircall-relay: {error}", file=sys.stderr)
+        return error.exit_code
     except BrokenPipeError:  # the output was piped into `head` or the like
         return EXIT_OK
     except (DatabaseError, OSError) as error:

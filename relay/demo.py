@@ -3,8 +3,9 @@
 It starts the fake Segment and the relay (receiver and drainer) on free loopback ports with a
 temporary SQLite outbox, posts the sample call's twelve webhooks in a shuffled order plus one
 duplicate and one request with a wrong token, waits until everything is delivered, then prints
-what Segment received, in order, and the SQL to look at the outbox. The outbox file is kept so
-that the SQL can be tried.
+what Segment received, in order, and what the outbox holds. The temporary folder is removed at
+the end; with `--keep` it stays, and the demo prints the commands to look at it, as they can be
+run (the `aircall-relay` command by its path when it is not on PATH).
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import random
 import secrets
+import shlex
+import shutil
+import sqlite3
+import sys
 import tempfile
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,7 @@ import httpx
 
 from relay.db.migrate import upgrade_to_head
 from relay.settings import AircallToken, Secret, Settings
+from relay.testing.sample_payloads import sample_payload
 
 DEMO_SETTLE_SECONDS = 2.0
 SAMPLE_EVENTS = (
@@ -45,19 +49,22 @@ SAMPLE_EVENTS = (
 
 def sample_call(token: str) -> list[dict[str, Any]]:
     """The sample call's life cycle (shipped in relay/testing/samples), in order."""
-    folder = resources.files("relay.testing") / "samples"
-    bodies = []
-    for event in SAMPLE_EVENTS:
-        body = json.loads((folder / f"{event}.json").read_text(encoding="utf-8"))
-        body["token"] = token
-        bodies.append(body)
-    return bodies
+    return [sample_payload(event, token) for event in SAMPLE_EVENTS]
 
 
-def run_demo(keep_directory: Path | None = None, seed: int | None = None) -> int:
+def run_demo(seed: int | None = None, keep: bool = False) -> int:
+    """Run the demo in a temporary folder, removed at the end unless `keep`."""
+    directory = Path(tempfile.mkdtemp(prefix="aircall-relay-demo-"))
+    try:
+        return _run_in(directory, seed, keep)
+    finally:
+        if not keep:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def _run_in(directory: Path, seed: int | None, keep: bool) -> int:
     from relay.testing import FakeSegment, SourceConfig
 
-    directory = keep_directory or Path(tempfile.mkdtemp(prefix="aircall-relay-demo-"))
     database_path = directory / "outbox.sqlite3"
     database_url = f"sqlite+aiosqlite:///{database_path}"
     upgrade_to_head(database_url)
@@ -81,6 +88,13 @@ def run_demo(keep_directory: Path | None = None, seed: int | None = None) -> int
         print(f"outbox: {database_path}")
         accepted = asyncio.run(_drive(settings, token, fake, random.Random(seed)))
     _report(accepted, database_path)
+    if keep:
+        _show_commands(directory, database_path)
+    else:
+        print(
+            f"\n{directory} is removed now; run the demo with --keep to keep the outbox and "
+            "look at it yourself."
+        )
     return 0
 
 
@@ -135,11 +149,38 @@ def _report(accepted: list[dict[str, Any]], database_path: Path) -> None:
             f"  {position:>2}. {message['event']:<24} {message['originalTimestamp']}  "
             f"user {who}  {message['messageId'][:20]}..."
         )
+    with contextlib.closing(sqlite3.connect(database_path)) as connection:
+        rows = connection.execute(
+            "SELECT id, event, status, received_count FROM outbox ORDER BY occurred_at, id"
+        ).fetchall()
+    print("\nThe outbox (the duplicate is counted, the refused request stored nothing):")
+    print(f"  {'id':>3}  {'event':<24} {'status':<10} received_count")
+    for row_id, event, status, received_count in rows:
+        print(f"  {row_id:>3}  {event:<24} {status:<10} {received_count}")
+
+
+def _show_commands(directory: Path, database_path: Path) -> None:
+    database_url = shlex.quote(f"sqlite:///{database_path}")
+    relay = relay_command()
+    sql = "SELECT id, event, status, received_count, delivered_at FROM outbox ORDER BY occurred_at"
     print(
-        "\nLook at the outbox (the duplicate is counted, the refused request stored nothing):\n"
-        f"  sqlite3 {database_path} \\\n"
-        '    "SELECT id, event, status, received_count, delivered_at FROM outbox ORDER BY '
-        'occurred_at"\n'
-        f'  sqlite3 {database_path} "SELECT * FROM recent_delivery_requests"\n'
-        f"  RELAY_DATABASE_URL=sqlite:///{database_path} aircall-relay outbox stats"
+        f"\nThe outbox is kept in {directory}. Look at it:\n"
+        f"  RELAY_DATABASE_URL={database_url} {relay} outbox stats\n"
+        f"  RELAY_DATABASE_URL={database_url} {relay} outbox list\n"
+        "or with SQL, if the sqlite3 tool is installed:\n"
+        f"  sqlite3 {shlex.quote(str(database_path))} {shlex.quote(sql)}\n"
+        f"Remove it when done: rm -r {shlex.quote(str(directory))}"
     )
+
+
+def relay_command() -> str:
+    """How to run `aircall-relay` from a shell, as printed: its name when PATH finds this very
+    command, else its path (in a virtualenv's bin folder, which is seldom on PATH), else this
+    Python running the module."""
+    script = Path(sys.executable).parent / "aircall-relay"
+    if not script.is_file():
+        return f"{shlex.quote(sys.executable)} -m relay.cli"
+    found = shutil.which("aircall-relay")
+    if found is not None and Path(found).resolve() == script.resolve():
+        return "aircall-relay"
+    return shlex.quote(str(script))

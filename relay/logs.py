@@ -83,12 +83,15 @@ def configure_logging(
         cache_logger_on_first_use=False,
     )
     # Libraries (hypercorn, alembic, asyncio) log through the standard library: give them the
-    # same redaction and output, at warning level so their chatter stays out of the way.
+    # same redaction and output, at warning level so their chatter stays out of the way. A
+    # record's traceback is turned into text before the redactor runs, so that a secret in an
+    # exception's message is redacted there too.
     handler = logging.StreamHandler(stream)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
                 redactor,
                 renderer,
             ],

@@ -31,6 +31,10 @@ SEGMENT_REGIONS: Final[dict[str, str]] = {
     "eu": "https://events.eu1.segmentapis.com",
 }
 MIN_TOKEN_CHARS: Final[int] = 16
+# The shortest secret accepted. The log redactor replaces each secret wherever it appears in a
+# line: a secret of a few characters would blank those characters in every word that holds them
+# (`drain[redacted]r_started`). Segment's write keys and Aircall's tokens are 32 characters.
+MIN_SECRET_CHARS: Final[int] = 8
 
 
 class SettingsError(ValueError):
@@ -185,12 +189,26 @@ def normalise_database_url(url: str) -> str:
 
 
 def _database_url(raw: Any, where: str) -> str:
-    url = normalise_database_url(_text(raw, where))
+    text = _text(raw, where)
+    url = normalise_database_url(text)
     if not url.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
         scheme = url.split("://", 1)[0] if "://" in url else "(none)"
         raise SettingsError(
             f"{where}: expected a sqlite:/// or postgresql:// URL, got scheme {scheme!r}"
         )
+    if url.startswith("sqlite"):
+        # A SQLite URL has no host: `sqlite://outbox.db` would name a host and no file.
+        parts = urlsplit(url)
+        if parts.netloc:
+            raise SettingsError(
+                f"{where}: {text!r} names no file: write sqlite:///outbox.db (three slashes, "
+                "relative to the working directory) or sqlite:////var/lib/outbox.db (absolute)"
+            )
+        if parts.path in {"", "/", "/:memory:"}:
+            raise SettingsError(
+                f"{where}: an in-memory SQLite database would lose every event; name a file, "
+                "like sqlite:///data/outbox.sqlite3"
+            )
     return url
 
 
@@ -248,9 +266,19 @@ def _webhook_path(raw: Any, where: str) -> str:
     return path
 
 
-def _secret(raw: Any, where: str) -> Secret | None:
-    text = _text(raw, where)
-    return Secret(text) if text else None
+def _secret(minimum: int) -> Callable[[Any, str], Secret | None]:
+    """A secret of at least `minimum` characters, or None when empty; the message never shows
+    the value."""
+
+    def parse(raw: Any, where: str) -> Secret | None:
+        text = _text(raw, where)
+        if not text:
+            return None
+        if len(text) < minimum:
+            raise SettingsError(f"{where}: must be at least {minimum} characters")
+        return Secret(text)
+
+    return parse
 
 
 def _base_url(raw: Any, where: str) -> str:
@@ -393,7 +421,7 @@ SPECS: Final[tuple[SettingSpec, ...]] = (
     ),
     SettingSpec(
         "segment_write_key",
-        _secret,
+        _secret(MIN_SECRET_CHARS),
         None,
         "Write key of the Segment HTTP API source. Without it the drainer keeps every event "
         "in the outbox and says that delivery is paused.",
@@ -576,7 +604,7 @@ SPECS: Final[tuple[SettingSpec, ...]] = (
     ),
     SettingSpec(
         "pii_hash_key",
-        _secret,
+        _secret(16),
         None,
         "Secret key of the HMAC-SHA256 used for `pii_hash_paths`; keep it stable, or the same "
         "phone number hashes differently after a change.",
@@ -672,6 +700,13 @@ class Settings:
                 "refused with 401; set it to label:token pairs"
             )
 
+    def require_write_key(self) -> None:
+        if self.segment_write_key is None:
+            raise SettingsError(
+                "RELAY_SEGMENT_WRITE_KEY: not set, so nothing could be delivered; set it to the "
+                "write key of your Segment HTTP API source"
+            )
+
     def check_tls(self) -> None:
         if (self.tls_certfile is None) != (self.tls_keyfile is None):
             raise SettingsError(
@@ -731,8 +766,6 @@ def load_settings(
     settings = Settings(**values, config_file=config_file)
     if settings.pii_hash_paths and settings.pii_hash_key is None:
         raise SettingsError("RELAY_PII_HASH_KEY: required when RELAY_PII_HASH_PATHS is set")
-    if settings.pii_hash_key is not None and len(settings.pii_hash_key.reveal()) < 16:
-        raise SettingsError("RELAY_PII_HASH_KEY: must be at least 16 characters")
     for name, paths in (
         ("RELAY_PII_DROP_PATHS", settings.pii_drop_paths),
         ("RELAY_PII_HASH_PATHS", settings.pii_hash_paths),

@@ -5,8 +5,6 @@ payloads, a receiver served over real HTTP in a background thread, and SQL queri
 from __future__ import annotations
 
 import asyncio
-import copy
-import json
 import os
 import shutil
 import sqlite3
@@ -27,16 +25,17 @@ from relay.aircall import Envelope, message_id_for
 from relay.db.migrate import upgrade_to_head
 from relay.segment import OutboxEvent
 from relay.settings import normalise_database_url
+from relay.testing.sample_payloads import SAMPLES_DIRECTORY, sample_files, sample_payload
+from relay.testing.sample_payloads import sample_events as sample_events
 
 if TYPE_CHECKING:
     from relay.testing import FakeSegmentInspector
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-EXAMPLES = SHARED / "examples" / "aircall"
-# The sample payload files, for parametrized tests (empty without ../shared: a test then checks
-# that all 26 are there, so their absence fails rather than skips).
-SAMPLE_FILES = sorted(EXAMPLES.glob("*.json")) if EXAMPLES.is_dir() else []
+# The sample payloads the package ships (relay/testing/samples/), for parametrized tests (a test
+# checks that all 26 are there, so that a missing one fails rather than skips).
+EXAMPLES = SAMPLES_DIRECTORY
+SAMPLE_FILES = sample_files()
 SAMPLE_TOKEN = "7c2e91a04bd35f6e8a1d0c9b47f2e6a3"
 SECOND_TOKEN = "f00dfeedf00dfeedf00dfeedf00dfeed"
 POSTGRES_ADMIN_URL = os.environ.get(
@@ -45,17 +44,12 @@ POSTGRES_ADMIN_URL = os.environ.get(
 
 
 def sample(event: str) -> dict[str, Any]:
-    """A fresh copy of the shared sample payload of `event` (token included, as Aircall sends)."""
-    path = EXAMPLES / f"{event}.json"
-    if not path.exists():
-        pytest.fail(f"sample payload missing: {path} (is ../shared beside the repository?)")
-    return copy.deepcopy(json.loads(path.read_text()))
-
-
-def sample_events() -> list[str]:
-    if not EXAMPLES.is_dir():
-        pytest.fail(f"sample payloads missing: {EXAMPLES} (is ../shared beside the repository?)")
-    return sorted(path.stem for path in EXAMPLES.glob("*.json"))
+    """A fresh copy of the sample payload of `event`, with the token of the tests' first
+    Aircall webhook (`SAMPLE_TOKEN`), as Aircall sends it."""
+    try:
+        return sample_payload(event, token=SAMPLE_TOKEN)
+    except LookupError as error:
+        pytest.fail(str(error))
 
 
 # ---------------------------------------------------------------------------------------------

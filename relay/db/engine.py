@@ -49,6 +49,11 @@ def sqlite_path(url: str) -> Path | None:
     return Path(database)
 
 
+def describe_url(url: str) -> str:
+    """The database URL as shown to people: without its password."""
+    return make_url(normalise_database_url(url)).render_as_string(hide_password=True)
+
+
 def create_engine(
     url: str,
     timeout_seconds: float = 2.0,

@@ -38,6 +38,13 @@ def head_revision() -> str:
     return heads[0]
 
 
+def known_revisions() -> set[str]:
+    """Every revision of this version's migrations: a schema at another one was migrated by a
+    newer version of the relay."""
+    script = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    return {revision.revision for revision in script.walk_revisions()}
+
+
 @dataclass(frozen=True, slots=True)
 class Upgrade:
     """What `upgrade_to_head` did: the revision the database was at (None: no schema yet), the

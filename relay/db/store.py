@@ -26,6 +26,7 @@ from relay.aircall import payload_json
 from relay.db.engine import sqlite_writer_connector, writer
 from relay.db.notify import notify_statement
 from relay.db.tables import outbox
+from relay.logs import REDACTED
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +67,21 @@ class StoredEvent:
 class SchemaState:
     reachable: bool
     revision: str | None
-    error: str | None = None
+    error: str | None = None  # why the database did not answer, its password redacted
+
+
+def error_message(error: BaseException, password: str | None = None) -> str:
+    """What an operator needs of a database error, on one line: the driver's own message
+    (`database "x" does not exist`), without SQLAlchemy's wrapping (class, statement, link),
+    and with `password` (the URL's) replaced wherever it appears."""
+    cause = error.orig if isinstance(error, sa_exc.DBAPIError) else None
+    if cause is not None and str(cause):
+        text = str(cause)
+    else:
+        text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    if password:
+        text = text.replace(password, REDACTED)
+    return " ".join(text.split())
 
 
 class OutboxStore:
@@ -217,7 +232,8 @@ class OutboxStore:
                 )
                 return SchemaState(reachable=True, revision=revision)
         except Exception as error:  # readiness reports any failure, it never raises
-            return SchemaState(reachable=False, revision=None, error=type(error).__name__)
+            message = error_message(error, self.engine.url.password)
+            return SchemaState(reachable=False, revision=None, error=message)
 
     async def get_event(self, event_id: int) -> dict[str, Any] | None:
         async with self.engine.connect() as connection:

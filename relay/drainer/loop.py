@@ -72,6 +72,9 @@ CONFIGURATION_RETRY_SECONDS = 60.0
 LOOKAHEAD_BATCHES = 2
 CALL_ENDED_CHECK_SECONDS = 30.0
 NO_WRITE_KEY_REMINDER_SECONDS = 300.0
+# Requests to Segment without any answer (refused, reset, timed out) for this long are reported
+# once at error level (`segment_unreachable`): a wrong RELAY_SEGMENT_BASE_URL, or the network.
+UNREACHABLE_ALERT_SECONDS = 300.0
 
 
 _startup_frozen = False
@@ -96,6 +99,8 @@ def _freeze_startup_objects() -> None:
 
 
 class Sender(Protocol):
+    base_url: str  # where requests go, for the logs
+
     async def post(self, body: bytes) -> SendResult: ...
 
 
@@ -144,6 +149,7 @@ class DrainerConfig:
     shutdown_grace_seconds: float = 10.0
     configuration_retry_seconds: float = CONFIGURATION_RETRY_SECONDS
     call_ended_check_seconds: float = CALL_ENDED_CHECK_SECONDS
+    unreachable_alert_seconds: float = UNREACHABLE_ALERT_SECONDS
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DrainerConfig:
@@ -254,6 +260,8 @@ class Drainer:
         self._rate_limited_until: datetime | None = None
         self._configuration_paused_until: datetime | None = None
         self._reported_awaiting: set[str] = set()
+        self._unanswered_since: datetime | None = None  # since requests get no answer
+        self._unreachable_reported = False
         self._stopping = False
         self.running = False
         self.finished = anyio.Event()
@@ -279,6 +287,7 @@ class Drainer:
         log.info(
             "drainer_started",
             owner=self.owner,
+            segment_base_url=self.sender.base_url,
             batch_size=self.config.batch_size,
             concurrency=self.config.concurrency,
             events_per_second=self.config.events_per_second,
@@ -468,6 +477,7 @@ class Drainer:
             self._awaiting_answer -= 1
             self._wake.set()
         finished = self.clock()
+        self._note_answer(result, started)
         verdict = classify(result.status)
         self.summary.requests += 1
         self.metrics.requests.labels(
@@ -493,6 +503,8 @@ class Drainer:
             "verdict": verdict.value,
             "ms": round(result.seconds * 1000, 1),
         }
+        if result.status is None:  # no answer: say where it went (a wrong URL shows here)
+            fields["segment_base_url"] = self.sender.base_url
 
         if verdict is Verdict.DELIVERED:
             outcome = await self._finish(record, delivered=ids)
@@ -617,6 +629,31 @@ class Drainer:
                 self.summary.released += await self._release(rest)
                 return False
         return True
+
+    def _note_answer(self, result: SendResult, started: datetime) -> None:
+        """Once requests have had no answer for `unreachable_alert_seconds`, say so at error
+        level, once; an answer ends the outage (logged), and a later one is reported again."""
+        assert self.sender is not None
+        if result.status is not None:
+            if self._unreachable_reported:
+                log.info("segment_reachable", segment_base_url=self.sender.base_url)
+            self._unanswered_since = None
+            self._unreachable_reported = False
+            return
+        if self._unanswered_since is None:
+            self._unanswered_since = started
+        failing = (self.clock() - self._unanswered_since).total_seconds()
+        if not self._unreachable_reported and failing >= self.config.unreachable_alert_seconds:
+            self._unreachable_reported = True
+            log.error(
+                "segment_unreachable",
+                segment_base_url=self.sender.base_url,
+                since=self._unanswered_since.isoformat(),
+                failing_s=round(failing, 1),
+                error=result.error,
+                detail="no answer from Segment: check RELAY_SEGMENT_BASE_URL and the network; "
+                "rows are kept and retried",
+            )
 
     # -- database writes, retried -----------------------------------------------------------
 

@@ -47,7 +47,8 @@ class SegmentSender:
         max_connections: int,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self.url = base_url.rstrip("/") + "/v1/batch"
+        self.base_url = base_url.rstrip("/")  # logged (never with the key)
+        self.url = self.base_url + "/v1/batch"
         credentials = base64.b64encode(f"{write_key}:".encode()).decode("ascii")
         self._headers = {
             "Authorization": f"Basic {credentials}",

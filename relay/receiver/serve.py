@@ -9,6 +9,7 @@ and forwards the signals.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import socket
@@ -89,8 +90,11 @@ def hypercorn_config(
             config.bind.append(metrics_bind)
     config.graceful_timeout = settings.shutdown_grace_seconds
     config.accesslog = None  # we write one line per webhook ourselves
-    config.errorlog = "-"
-    config.loglevel = "WARNING"
+    # Hypercorn's own messages go through the standard library's logging to the relay's
+    # handler (`relay.logs`: redacted, one JSON line each), at its level (warning and above).
+    # A path or "-" here would make Hypercorn add a handler of its own, which writes each
+    # message a second time, as plain text, unredacted.
+    config.errorlog = logging.getLogger("hypercorn.error")
     config.backlog = 1024
     config.keep_alive_timeout = 75  # longer than a typical load balancer's idle timeout
     if tls:

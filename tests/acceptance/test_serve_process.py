@@ -267,22 +267,23 @@ def test_config_file_is_read_and_environment_wins(tmp_path: Path) -> None:
 
 def test_migrate_then_check(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/outbox.sqlite3"
-    env = relay_env(url, aircall_tokens=TOKENS)
+    env = relay_env(url, aircall_tokens=TOKENS, segment_write_key="wk_migrate_then_check_0")
     before = run_relay("check", env=env)
     assert before.returncode == 3, before.stdout + before.stderr
-    assert "not ready" in before.stdout
+    assert "Not ready" in before.stdout
+    assert "run `aircall-relay migrate`" in before.stdout
     migrated = run_relay("migrate", env=env)
     assert migrated.returncode == 0, migrated.stdout + migrated.stderr
     assert run_relay("migrate", env=env).returncode == 0  # idempotent
     after = run_relay("check", env=env)
     assert after.returncode == 0, after.stdout
-    assert after.stdout.strip().endswith("ready")
+    assert after.stdout.strip().endswith("Ready for the receiver and the drainer.")
     assert count_rows(url) == 0
 
 
 @pytest.mark.postgres
 def test_check_on_postgresql(postgres_database: OutboxDatabase) -> None:
     env = relay_env(postgres_database.url, aircall_tokens=TOKENS)
-    result = run_relay("check", env=env)
+    result = run_relay("check", "--role", "receiver", env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "postgres" in result.stdout

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import random
+import socket
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -598,3 +599,71 @@ async def test_a_locked_database_delays_delivery_but_loses_nothing(
     assert len(message_ids) == len(set(message_ids)) == len(bodies)
     for call in (1, 2, 3):
         assert accepted_events_of(fake, call) == [body["event"] for body in call_lifecycle(call)]
+
+
+# --- where requests go, and Segment out of reach (issue 10, item 11) ---------------------------
+
+
+async def _until_logged(logs: list[dict[str, Any]], event: str, count: int = 1) -> None:
+    with anyio.fail_after(30):
+        while sum(entry["event"] == event for entry in logs) < count:
+            await anyio.sleep(0.02)
+
+
+async def test_a_segment_url_that_never_answers_is_named_and_reported_once(relay: Relay) -> None:
+    """A wrong RELAY_SEGMENT_BASE_URL (nothing listens there): `drainer_started` and every
+    failed request name the base URL, never the key; past `unreachable_alert_seconds` it is
+    said once at error level, however long the failures go on. The rows wait, pending."""
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        base_url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    sender = SegmentSender(base_url, WRITE_KEY, timeout_seconds=1.0, max_connections=8)
+    config = replace(FAST, unreachable_alert_seconds=0.5)
+    with structlog.testing.capture_logs() as logs:
+        async with draining(Drainer(relay.delivery, sender, config, MappingOptions())):
+            await relay.receive(*_call_bodies(1))
+            await _until_logged(logs, "segment_unreachable")
+            failed = sum(entry["event"] == "segment_request" for entry in logs)
+            await _until_logged(logs, "segment_request", failed + 5)  # and it goes on failing
+    [started] = [entry for entry in logs if entry["event"] == "drainer_started"]
+    assert started["segment_base_url"] == base_url
+    requests = [entry for entry in logs if entry["event"] == "segment_request"]
+    assert all(entry["status"] is None for entry in requests)
+    assert all(entry["segment_base_url"] == base_url for entry in requests)
+    [alert] = [entry for entry in logs if entry["event"] == "segment_unreachable"]
+    assert alert["log_level"] == "error"
+    assert alert["segment_base_url"] == base_url
+    assert alert["failing_s"] >= 0.5
+    assert "RELAY_SEGMENT_BASE_URL" in alert["detail"]
+    assert WRITE_KEY not in repr(logs)
+    assert {row["status"] for row in await relay.rows()} == {"pending"}
+
+
+async def test_segment_out_of_reach_again_after_it_answered_is_reported_again(
+    database: OutboxDatabase, fake: FakeSegment
+) -> None:
+    relay = Relay(database, fake, replace(FAST, unreachable_alert_seconds=0.5))
+    try:
+        with structlog.testing.capture_logs() as logs:
+            async with draining(relay.drainer(timeout_seconds=1.0)):
+                for outage, call in enumerate((1, 2), start=1):
+                    fake.inject(Fault.reset("after_body_read"), times=None)  # no answer at all
+                    await relay.receive(*_call_bodies(call))
+                    await _until_logged(logs, "segment_unreachable", outage)
+                    fake.reset()  # Segment answers again
+                    await relay.wait_settled(3 * outage)
+                    await _until_logged(logs, "segment_reachable", outage)
+    finally:
+        await relay.engine.dispose()
+    said = [
+        entry["event"]
+        for entry in logs
+        if entry["event"] in ("segment_unreachable", "segment_reachable")
+    ]
+    assert said == ["segment_unreachable", "segment_reachable"] * 2
+    assert all(
+        entry["segment_base_url"] == fake.base_url
+        for entry in logs
+        if entry["event"] in ("segment_unreachable", "segment_reachable")
+    )
+    assert {row["status"] for row in await relay.rows()} == {"delivered"}

@@ -209,3 +209,35 @@ def test_drainer_metrics_port_from_toml(tmp_path: Path) -> None:
 def test_bad_drainer_metrics_settings_name_the_setting(name: str, raw: str, message: str) -> None:
     with pytest.raises(SettingsError, match=f"{name}: {message}"):
         load_settings({name: raw})
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [("RELAY_SEGMENT_WRITE_KEY", "abc"), ("RELAY_PII_HASH_KEY", "k3y-0123456")]
+)
+def test_a_short_secret_is_refused_naming_the_setting_never_the_value(
+    name: str, value: str
+) -> None:
+    """The redactor replaces a secret wherever it appears: a write key of a few characters
+    would blank them inside every word of every log line (`drain[redacted]r_started`)."""
+    with pytest.raises(SettingsError, match="at least") as caught:
+        load_settings({name: value, "RELAY_PII_HASH_PATHS": "raw_digits"})
+    assert str(caught.value).startswith(name)
+    assert value not in str(caught.value)
+    key = "wk_" + "x" * 5  # 8 characters: the shortest accepted
+    assert load_settings({"RELAY_SEGMENT_WRITE_KEY": key}).segment_write_key == Secret(key)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("sqlite://relative.db", "'sqlite://relative.db' names no file: write sqlite:///"),
+        ("sqlite://", "in-memory SQLite database would lose every event"),
+        ("sqlite:///:memory:", "in-memory SQLite database would lose every event"),
+    ],
+)
+def test_a_sqlite_url_without_a_file_is_a_configuration_error(url: str, message: str) -> None:
+    """configuration.md promises exit 2 for a wrong value: `sqlite://relative.db` used to reach
+    the database layer (an ArgumentError, exit 1)."""
+    with pytest.raises(SettingsError, match=re.escape(message)) as caught:
+        load_settings({"RELAY_DATABASE_URL": url})
+    assert str(caught.value).startswith("RELAY_DATABASE_URL: ")
