@@ -44,7 +44,7 @@ async def rows(database: OutboxDatabase) -> Rows:
         + [incoming_event(_body(5, "call.tagged"), received, forward=False)]
     )
     delivered, dead, delivering, pending, skipped = (row.id for row in stored)
-    claimed = await delivery.claim(OWNER, NOW, NOW, NOW + timedelta(minutes=1), 3, 1)
+    claimed = await delivery.claim(OWNER, NOW, timedelta(0), timedelta(minutes=1), 3, 1)
     assert {row.id for row in claimed} == {delivered, dead, delivering}
     request = RequestRecord(
         id=RequestRecord.new_id(),

@@ -70,7 +70,7 @@ def test_the_rate_limits_migration_adds_an_empty_table_and_keeps_rows(
     ]
     assert isinstance(migration.down_revision, str)
     command.upgrade(alembic_config(url), migration.down_revision)
-    _execute(url, _outbox_row("a" * 64))
+    _execute(url, _outbox_row("a" * 64, due=True))
     assert "rate_limits" not in _tables(url)
 
     command.upgrade(alembic_config(url), migration.revision)
@@ -106,12 +106,17 @@ def _execute(url: str, *statements: str) -> None:
     asyncio.run(execute_async(url, *statements))
 
 
-def _outbox_row(dedup_key: str) -> str:
+def _outbox_row(dedup_key: str, due: bool = False) -> str:
+    """A pending row as migrations before 0006 allowed it; `due`: with the `next_attempt_at`
+    that 0006's constraints require of it."""
+    moment = "'2026-01-01 00:00:00'"
+    columns = ", next_attempt_at" if due else ""
+    due_at = f", {moment}" if due else ""
     return (
         "INSERT INTO outbox (dedup_key, message_id, source, resource, event, ordering_key,"
-        " occurred_at, received_at, last_received_at, payload, status) VALUES"
+        f" occurred_at, received_at, last_received_at, payload, status{columns}) VALUES"
         f" ('{dedup_key}', 'aircall-{dedup_key}', 'default', 'call', 'call.hungup', 'call:1',"
-        " '2026-01-01 00:00:00', '2026-01-01 00:00:00', '2026-01-01 00:00:00', '{}', 'pending')"
+        f" {moment}, {moment}, {moment}, '{{}}', 'pending'{due_at})"
     )
 
 
