@@ -96,7 +96,7 @@ from relay.db.store import IncomingEvent, OutboxStore  # noqa: E402
 from relay.db.tables import utc_datetime  # noqa: E402
 from relay.testing import FakeSegmentClient  # noqa: E402
 
-DEFAULT_EXAMPLES = ROOT.parent / "shared" / "examples" / "aircall"
+DEFAULT_EXAMPLES = ROOT / "relay" / "testing" / "samples"  # the samples the package ships
 HOST = "127.0.0.1"  # everything here talks to loopback only
 TOKEN = "7c2e91a04bd35f6e8a1d0c9b47f2e6a3"  # the sample payloads' token
 WRITE_KEY = "wk_bench_drainer_0123456789"

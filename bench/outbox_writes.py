@@ -64,7 +64,7 @@ from relay.db.store import (  # noqa: E402
     _SqliteBatchWriter,
 )
 
-DEFAULT_EXAMPLES = ROOT.parent / "shared" / "examples" / "aircall"
+DEFAULT_EXAMPLES = ROOT / "relay" / "testing" / "samples"  # the samples the package ships
 
 
 class Events:

@@ -72,7 +72,7 @@ from typing import Any
 from proc_cpu import PostgresCpu, busy_cpu_seconds, wait_for_quiet
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_EXAMPLES = ROOT.parent / "shared" / "examples" / "aircall"
+DEFAULT_EXAMPLES = ROOT / "relay" / "testing" / "samples"  # the samples the package ships
 TOKEN = "7c2e91a04bd35f6e8a1d0c9b47f2e6a3"  # the sample payloads' token, configured on the server
 WRONG_TOKEN = "0" * len(TOKEN)  # same length, so a refused body is the same size
 WEBHOOK_PATH = "/aircall/webhook"
