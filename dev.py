@@ -2,7 +2,8 @@
 """Developer bootstrap: the README's two quick-start commands.
 
     python3 dev.py run    set up .venv, migrate the SQLite outbox under ./data, run the relay
-    python3 dev.py test   set up .venv, run ruff, mypy (strict on relay/) and every test
+    python3 dev.py test   set up .venv, run ruff, mypy (strict on relay/), the import contracts
+                          (lint-imports) and every test
     python3 dev.py demo   set up .venv, run `aircall-relay demo` (relay, fake Segment, sample call)
 
 Only the standard library is used here, so this works on a machine that has nothing but
@@ -109,6 +110,8 @@ def test(args: list[str]) -> int:
         [_bin("ruff"), "check", *sources],
         [_bin("ruff"), "format", "--check", *sources],
         [_bin("mypy")],
+        # The import contracts ([tool.importlinter] in pyproject.toml): dependencies point down.
+        [_bin("lint-imports"), "--no-logo", "--no-cache"],
         [_bin("python"), "-m", "pytest", *args],
     ]
     for step in steps:

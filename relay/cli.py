@@ -1,5 +1,5 @@
-"""The `aircall-relay` command, and the composition root: the only place that builds engines,
-stores and apps from settings.
+"""The `aircall-relay` command: its parser, its commands and their exit codes. What the commands
+run is built by the composition root (relay/compose.py).
 
 Exit codes: 0 success; 1 a runtime failure (database unreachable, migration failed); 2 a usage
 or configuration error (the message names the setting); 3 the schema is not at the head this
@@ -10,40 +10,36 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import json
 import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
 
 import anyio
-from prometheus_client import CollectorRegistry
 
 from relay import __version__
 from relay.check import ROLES, NotReady, check, require_schema_at_head, unreadable_settings
+from relay.compose import (
+    WORKER_APPLICATION_PATH,
+    build_drainer,
+    build_receiver_app,
+    close_drainer,
+    retention_task,
+    serve_drainer_metrics,
+    setup_logging,
+)
 from relay.db import DatabaseError
-from relay.db.delivery import DeliveryStore
-from relay.db.engine import create_engine, describe_url, is_sqlite, sqlite_path
-from relay.db.inspect import OutboxInspector
-from relay.db.migrate import head_revision, upgrade_to_head
-from relay.db.notify import listener_for
-from relay.db.store import OutboxStore
-from relay.drainer.loop import Drainer, DrainerConfig, DrainSummary, utc_now
+from relay.db.engine import describe_url, is_sqlite, sqlite_path
+from relay.db.migrate import upgrade_to_head
+from relay.drainer.loop import DrainSummary
 from relay.drainer.metrics import DrainerMetrics
-from relay.drainer.metrics_server import MetricsServer
-from relay.drainer.retention import RetentionPolicy, run_retention
-from relay.drainer.sender import SegmentSender
 from relay.logs import configure_logging, get_logger
 from relay.outbox_cli import add_outbox_commands, run_outbox_command
-from relay.settings import CONFIG_FILE_ENV, Settings, SettingsError, load_settings
+from relay.settings import CONFIG_FILE_ENV, DEFAULTS, Settings, SettingsError, load_settings
 from relay.testing.fake_segment_cli import add_cli_arguments as add_fake_segment_arguments
 from relay.testing.fake_segment_cli import run_from_cli as run_fake_segment
-
-if TYPE_CHECKING:
-    from quart import Quart
 
 # The receiver's modules (Quart, Hypercorn) are imported by the commands that serve it, so that
 # `drain`, `migrate` and `outbox` start without them (about 0.3 s of CPU and 14 MiB less).
@@ -64,10 +60,6 @@ tokens, the Segment write key) are read only from there, never from options.
 """
 
 
-# ---------------------------------------------------------------------------------------------
-# Composition
-
-
 def build_settings(args: argparse.Namespace) -> Settings:
     settings = load_settings(config_file=getattr(args, "config", None))
     overrides = {
@@ -75,93 +67,6 @@ def build_settings(args: argparse.Namespace) -> Settings:
         for name in ("host", "port", "workers", "tls_certfile", "tls_keyfile")
     }
     return settings.with_overrides(**overrides)
-
-
-def setup_logging(settings: Settings) -> None:
-    configure_logging(settings.log_format, settings.log_level, secrets=settings.secrets())
-
-
-def build_store(settings: Settings) -> OutboxStore:
-    return OutboxStore(create_engine(settings.database_url, settings.database_timeout_seconds))
-
-
-def build_receiver_app(
-    settings: Settings, extra_metrics: Sequence[CollectorRegistry] = ()
-) -> Quart:
-    from relay.receiver.app import create_app
-
-    settings.require_tokens()
-    store = build_store(settings)
-    for event in settings.unknown_forward_events():
-        log.warning("forward_event_unknown", event=event, setting="RELAY_FORWARD_EVENTS")
-    return create_app(
-        settings,
-        store,
-        head_revision(),
-        on_shutdown=store.engine.dispose,
-        extra_metrics=extra_metrics,
-    )
-
-
-def build_drainer(
-    settings: Settings, require_write_key: bool, metrics: DrainerMetrics | None = None
-) -> Drainer:
-    """The drainer; without a write key it runs paused (for `run`) or is refused (for `drain`)."""
-    if require_write_key:
-        settings.require_write_key()
-    engine = create_engine(settings.database_url, settings.database_timeout_seconds)
-    config = DrainerConfig.from_settings(settings)
-    sender = (
-        None
-        if settings.segment_write_key is None
-        else SegmentSender(
-            settings.segment_base_url,
-            settings.segment_write_key.reveal(),
-            timeout_seconds=settings.segment_timeout_seconds,
-            max_connections=settings.segment_concurrency,
-        )
-    )
-    return Drainer(
-        DeliveryStore(engine),
-        sender,
-        config,
-        settings.mapping_options(),
-        metrics=metrics,
-        # PostgreSQL: LISTEN for the receivers' commits (None on SQLite, which only polls).
-        notifications=listener_for(settings.database_url, settings.database_timeout_seconds),
-    )
-
-
-def serve_drainer_metrics(settings: Settings, drainer: Drainer) -> MetricsServer | None:
-    """The drainer's `/metrics` on its own port (None when `RELAY_DRAINER_METRICS_PORT=off`);
-    a port in use is a SettingsError naming the setting (exit 2)."""
-    if settings.drainer_metrics_port is None:
-        return None
-    server = MetricsServer(
-        drainer.metrics.registry, settings.drainer_metrics_host, settings.drainer_metrics_port
-    )
-    log.info(
-        "metrics_listening",
-        url=server.url,
-        host=server.host,
-        port=server.port,
-    )
-    return server
-
-
-def retention_task(settings: Settings, drainer: Drainer) -> Callable[[], Coroutine[Any, Any, None]]:
-    """The retention purge, on the drainer's database (a no-op when retention is off)."""
-    policy = RetentionPolicy.from_settings(settings)
-    inspector = OutboxInspector(drainer.store.engine)
-    return functools.partial(run_retention, inspector, policy, utc_now)
-
-
-async def close_drainer(drainer: Drainer) -> None:
-    if isinstance(drainer.sender, SegmentSender):
-        await drainer.sender.close()
-    if drainer.notifications is not None:
-        await drainer.notifications.close()
-    await drainer.store.engine.dispose()
 
 
 async def stop_on_signals(stop: anyio.Event, scope: anyio.CancelScope) -> None:
@@ -174,13 +79,6 @@ async def stop_on_signals(stop: anyio.Event, scope: anyio.CancelScope) -> None:
                 return
             log.info("stopping", signal=signal.Signals(signum).name)
             stop.set()
-
-
-def receiver_app_from_environment() -> Quart:
-    """Factory for Hypercorn's worker processes (settings from the inherited environment)."""
-    settings = load_settings()
-    setup_logging(settings)
-    return build_receiver_app(settings)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,7 +115,7 @@ def command_serve(args: argparse.Namespace) -> int:
     if settings.workers > 1:
         if settings.config_file:  # the workers read their settings from the environment
             os.environ[CONFIG_FILE_ENV] = settings.config_file
-        return serve_with_workers(settings)
+        return serve_with_workers(settings, WORKER_APPLICATION_PATH)
     app = build_receiver_app(settings)
     asyncio.run(serve_in_process(app, settings, wait_for_signal))
     log.info("stopped")
@@ -372,11 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add_server_options(command: argparse.ArgumentParser) -> None:
-        command.add_argument("--host", help="address to listen on (RELAY_HOST, default 127.0.0.1)")
+        command.add_argument(
+            "--host", help=f"address to listen on (RELAY_HOST, default {DEFAULTS.host})"
+        )
         command.add_argument(
             "--port",
             type=int,
-            help="port to listen on, 0 for any free one (RELAY_PORT, default 8080)",
+            help=f"port to listen on, 0 for any free one (RELAY_PORT, default {DEFAULTS.port})",
         )
         command.add_argument(
             "--tls-certfile", metavar="PEM", help="serve HTTPS with this certificate"
@@ -385,7 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the receiver (Aircall webhooks into the outbox)")
     add_server_options(serve)
-    serve.add_argument("--workers", type=int, help="receiver processes (RELAY_WORKERS, default 1)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        help=f"receiver processes (RELAY_WORKERS, default {DEFAULTS.workers})",
+    )
     serve.set_defaults(handler=command_serve)
 
     run = commands.add_parser("run", help="receiver and drainer in one process, for a laptop")

@@ -99,7 +99,7 @@ def _run_in(directory: Path, seed: int | None, keep: bool) -> int:
 
 
 async def _drive(settings: Settings, token: str, fake: Any, chance: random.Random) -> list[Any]:
-    from relay.cli import build_drainer, build_receiver_app, close_drainer
+    from relay.compose import build_drainer, build_receiver_app, close_drainer
     from relay.receiver.serve import serve_in_process
 
     app = build_receiver_app(settings)

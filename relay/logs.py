@@ -54,8 +54,8 @@ class Redactor:
 
 
 def configure_logging(
-    log_format: str = "auto",
-    level: str = "info",
+    log_format: str,
+    level: str,
     secrets: Iterable[str] = (),
     stream: TextIO | None = None,
 ) -> None:

@@ -20,12 +20,13 @@ from typing import Any
 import anyio
 
 from relay.aircall import CONTROL_CHARACTERS
+from relay.database_url import normalise_database_url
 from relay.db.engine import create_engine
 from relay.db.inspect import EventFilter, OutboxInspector
 from relay.db.transfer import TransferError, copy_outbox
 from relay.json_text import indent_json
 from relay.progress import ProgressDisplay
-from relay.settings import Settings, normalise_database_url
+from relay.settings import Settings
 
 EXIT_OK = 0
 EXIT_USAGE = 2

@@ -22,9 +22,9 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from relay.aircall import Envelope, message_id_for
+from relay.database_url import normalise_database_url
 from relay.db.migrate import upgrade_to_head
 from relay.segment import OutboxEvent
-from relay.settings import normalise_database_url
 from relay.testing.sample_payloads import SAMPLES_DIRECTORY, sample_files, sample_payload
 from relay.testing.sample_payloads import sample_events as sample_events
 
@@ -284,7 +284,7 @@ class ReceiverThread:
             self._ready.set()
 
     async def _serve(self) -> None:
-        from relay.cli import build_receiver_app
+        from relay.compose import build_receiver_app
         from relay.receiver.serve import serve_in_process
 
         self._loop = asyncio.get_running_loop()

@@ -20,7 +20,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from relay.settings import normalise_database_url
+from relay.database_url import normalise_database_url
 
 # Execution option that makes a SQLite transaction begin with BEGIN IMMEDIATE.
 SQLITE_IMMEDIATE = "relay_sqlite_immediate"

@@ -20,8 +20,8 @@ from typing import Any, Final
 import anyio
 from sqlalchemy.engine import make_url
 
+from relay.database_url import normalise_database_url
 from relay.logs import get_logger
-from relay.settings import normalise_database_url
 
 log = get_logger("relay.db.notify")
 

@@ -61,7 +61,7 @@ from relay.segment import (
     encode_batch,
     to_track_message,
 )
-from relay.settings import Settings
+from relay.settings import Settings, configure, from_setting
 
 log = get_logger("relay.drainer")
 
@@ -132,43 +132,29 @@ def new_owner() -> str:
 
 @dataclass(frozen=True, slots=True)
 class DrainerConfig:
-    batch_size: int = 100
+    # `from_setting`: fed by that setting, with its default (relay/settings/table.py).
+    batch_size: int = from_setting("segment_batch_size")
     max_batch_bytes: int = MAX_BATCH_BYTES
-    concurrency: int = 4
-    events_per_second: float = 500.0
-    requests_per_second: float = 20.0
-    settle_seconds: float = 5.0
-    lease_seconds: float = 60.0
-    poll_seconds: float = 0.25
-    listen_poll_seconds: float = 5.0
-    retry_base_seconds: float = 1.0
-    retry_cap_seconds: float = 600.0
-    max_attempts: int = 0
-    max_retry_after_seconds: float = 300.0
-    call_ended_timeout_seconds: float = 600.0
-    shutdown_grace_seconds: float = 10.0
+    concurrency: int = from_setting("segment_concurrency")
+    events_per_second: float = from_setting("segment_events_per_second")
+    requests_per_second: float = from_setting("segment_requests_per_second")
+    settle_seconds: float = from_setting("settle_seconds")
+    lease_seconds: float = from_setting("lease_seconds")
+    poll_seconds: float = from_setting("poll_seconds")
+    listen_poll_seconds: float = from_setting("listen_poll_seconds")
+    retry_base_seconds: float = from_setting("retry_base_seconds")
+    retry_cap_seconds: float = from_setting("retry_cap_seconds")
+    max_attempts: int = from_setting("max_attempts")
+    max_retry_after_seconds: float = from_setting("segment_max_retry_after_seconds")
+    call_ended_timeout_seconds: float = from_setting("call_ended_timeout_seconds")
+    shutdown_grace_seconds: float = from_setting("shutdown_grace_seconds")
     configuration_retry_seconds: float = CONFIGURATION_RETRY_SECONDS
     call_ended_check_seconds: float = CALL_ENDED_CHECK_SECONDS
     unreachable_alert_seconds: float = UNREACHABLE_ALERT_SECONDS
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DrainerConfig:
-        return cls(
-            batch_size=settings.segment_batch_size,
-            concurrency=settings.segment_concurrency,
-            events_per_second=settings.segment_events_per_second,
-            requests_per_second=settings.segment_requests_per_second,
-            settle_seconds=settings.settle_seconds,
-            lease_seconds=settings.lease_seconds,
-            poll_seconds=settings.poll_seconds,
-            listen_poll_seconds=settings.listen_poll_seconds,
-            retry_base_seconds=settings.retry_base_seconds,
-            retry_cap_seconds=settings.retry_cap_seconds,
-            max_attempts=settings.max_attempts,
-            max_retry_after_seconds=settings.segment_max_retry_after_seconds,
-            call_ended_timeout_seconds=settings.call_ended_timeout_seconds,
-            shutdown_grace_seconds=settings.shutdown_grace_seconds,
-        )
+        return configure(cls, settings)
 
     def send_limits(self) -> SendLimits | None:
         """The limits toward Segment, for the deployment's budget; None when both are off (then

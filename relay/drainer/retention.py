@@ -12,7 +12,7 @@ import anyio
 
 from relay.db.inspect import OutboxInspector
 from relay.logs import get_logger
-from relay.settings import Settings
+from relay.settings import Settings, configure, from_setting
 
 log = get_logger("relay.retention")
 
@@ -21,17 +21,13 @@ RETENTION_PERIOD_SECONDS = 3600.0
 
 @dataclass(frozen=True, slots=True)
 class RetentionPolicy:
-    delivered_days: float = 0.0
-    skipped_days: float = 0.0
-    dead_days: float = 0.0
+    delivered_days: float = from_setting("retention_delivered_days")
+    skipped_days: float = from_setting("retention_skipped_days")
+    dead_days: float = from_setting("retention_dead_days")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RetentionPolicy:
-        return cls(
-            delivered_days=settings.retention_delivered_days,
-            skipped_days=settings.retention_skipped_days,
-            dead_days=settings.retention_dead_days,
-        )
+        return configure(cls, settings)
 
     @property
     def enabled(self) -> bool:

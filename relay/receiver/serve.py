@@ -27,8 +27,6 @@ from relay.settings import SPECS_BY_NAME, Settings, SettingsError
 
 log = get_logger("relay.receiver")
 
-# The factory Hypercorn's spawned workers call to build their own app from the environment.
-WORKER_APPLICATION_PATH = "relay.cli:receiver_app_from_environment()"
 METRICS_PORT_ENV = SPECS_BY_NAME["receiver_metrics_port"].env
 
 
@@ -150,8 +148,9 @@ async def serve_in_process(
     await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger)
 
 
-def serve_with_workers(settings: Settings) -> int:
-    """Several worker processes, each with its own app built from the environment.
+def serve_with_workers(settings: Settings, application_path: str) -> int:
+    """Several worker processes, each with its own app built from the environment by the factory
+    at `application_path` (`module:factory()`, which Hypercorn imports in each worker).
 
     Their metrics are shared through prometheus-client's multiprocess mode: each worker keeps
     its counters and histograms in files of a directory made for this run (its path in
@@ -163,7 +162,7 @@ def serve_with_workers(settings: Settings) -> int:
         os.environ[METRICS_PORT_ENV] = str(metrics_sock.getsockname()[1])
     config = hypercorn_config(settings, sock, metrics_sock)
     config.workers = settings.workers
-    config.application_path = WORKER_APPLICATION_PATH
+    config.application_path = application_path
     metrics_dir = tempfile.mkdtemp(prefix="aircall-relay-metrics-")
     os.environ[MULTIPROCESS_METRICS_ENV] = metrics_dir
     try:

@@ -14,7 +14,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from relay.cli import build_drainer, build_store
+from relay.compose import build_drainer, build_store
 from relay.db.delivery import DeliveryStore
 from relay.db.engine import create_engine
 from relay.db.store import OutboxStore
