@@ -40,6 +40,7 @@ from sqlalchemy.sql import operators as sa_operators
 from relay.aircall import CALL_LIFECYCLE, OTHER_EVENTS_RANK
 from relay.db.engine import not_abandoned, sqlite_writer_connector, writer
 from relay.db.notify import notify_statement
+from relay.db.store import row_specific_error
 from relay.db.tables import (
     awaiting_call_ended,
     delivery_requests,
@@ -1004,7 +1005,8 @@ _SQLITE_WRITER_PRAGMAS: tuple[str, ...] = ("PRAGMA temp_store=MEMORY", "PRAGMA c
 class _SqliteWrites:
     """The drainer's write transactions on a SQLite file, run whole in a worker thread on a
     synchronous SQLAlchemy engine over one plain `sqlite3` connection set up like the async
-    engine's (`sqlite_writer_connector`).
+    engine's (`sqlite_writer_connector`), kept between transactions and opened again after an
+    error of the database (not after an error of one row's values: a constraint).
 
     One transaction at a time, and group commit: writes that queue while a transaction runs
     (the finishes of requests that came back meanwhile, the next claim) share the next one, in
@@ -1071,6 +1073,10 @@ class _SqliteWrites:
                 queued.error = error
             if not isinstance(error, Exception):
                 raise
+            if not row_specific_error(error):
+                # An error of the database: the next transaction opens a new connection, which
+                # a database read-only for a while needs (relay/db/engine.py says why).
+                self._engine.dispose()
         finally:
             for queued in batch:
                 queued.done = True

@@ -3,9 +3,22 @@
 SQLite: WAL mode (the receiver and the drainer share the file), `synchronous=FULL` (a webhook
 that got its 200 survives a power cut), a busy timeout, and transactions that we begin ourselves
 so that writers can take the write lock up front (`BEGIN IMMEDIATE`) instead of failing on a lock
-upgrade. The receiver's batch writes go through a plain `sqlite3` connection of their own
-(`sqlite_writer_connector`), set up exactly like the engine's. PostgreSQL: asyncpg with connect,
-pool and lock timeouts, and a pre-ping so that a restarted server is reconnected to.
+upgrade. The receiver's batch writes and the drainer's write transactions each go through a
+plain `sqlite3` connection of their own (`sqlite_writer_connector`), set up exactly like the
+engine's. PostgreSQL: asyncpg with connect, pool and lock timeouts, and a pre-ping so that a
+restarted server is reconnected to.
+
+SQLite connections do not outlive a failure. SQLite shares one mapping of the database's `-shm`
+file among all the connections of a process to that file, for as long as one of them is open.
+A connection opened while the files could not be written maps it read-only, and every
+connection the process opens while that mapping lives shares it and cannot write either, even
+once the files are writable again: only a connection opened when none is open maps the file
+anew. So the engine keeps no idle connection to a SQLite file (`NullPool`: a connection is
+closed when its query or transaction is over), and the only connections that live on are the
+writers' (`sqlite_writer_connector`), which close theirs after an error of the database (not
+after an error of one row's values) and open a new one for their next transaction. Once the
+files are writable, the first connection opened while no other is open maps them read-write,
+and every process (`serve`, `drain`, `run`) writes again without a restart.
 """
 
 from __future__ import annotations
@@ -19,6 +32,7 @@ import anyio
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
 
 from relay.database_url import normalise_database_url
 
@@ -75,11 +89,14 @@ def _create_sqlite_engine(url: str, timeout_seconds: float) -> AsyncEngine:
         path.parent.mkdir(parents=True, exist_ok=True)
     busy_timeout_ms = int(timeout_seconds * 1000)
     # hide_parameters: a database error must never put a payload (personal data) in a log line.
+    # On a file, no connection is kept idle (the module's docstring says why); an in-memory
+    # database lives only as long as its one connection, which SQLAlchemy's default pool keeps.
     engine = create_async_engine(
         url,
         connect_args={"timeout": timeout_seconds},
         hide_parameters=True,
         execution_options={SQLITE_BUSY_TIMEOUT_MS: busy_timeout_ms},
+        **({"poolclass": NullPool} if path is not None else {}),
     )
 
     @event.listens_for(engine.sync_engine, "connect")
@@ -110,11 +127,14 @@ def _sqlite_pragmas(busy_timeout_ms: int) -> list[str]:
 
 def sqlite_writer_connector(engine: AsyncEngine) -> Callable[[], sqlite3.Connection] | None:
     """How to open a plain `sqlite3` connection to a SQLite engine's database file, set up like
-    the engine's own connections, for the receiver's batch writes; None when the engine is not
-    one of ours on a SQLite file (PostgreSQL, an in-memory database, a URL with options).
+    the engine's own connections, for a writer (the receiver's batch writes, the drainer's write
+    transactions); None when the engine is not one of ours on a SQLite file (PostgreSQL, an
+    in-memory database, a URL with options).
 
     The connection is in autocommit mode (`isolation_level=None`): the caller sends
-    `BEGIN IMMEDIATE` and `COMMIT` itself. It may be used from any one thread at a time.
+    `BEGIN IMMEDIATE` and `COMMIT` itself. It may be used from any one thread at a time. The
+    writer keeps it between transactions, and closes it after an error of the database (see
+    the module's docstring).
     """
     url = engine.url
     busy_timeout_ms = engine.get_execution_options().get(SQLITE_BUSY_TIMEOUT_MS)

@@ -118,7 +118,7 @@ class OutboxStore:
         written_at = self._batch_insert.written_at()
         rows = [to_row(item, copies[key], written_at) for key, item in first.items()]
         keys = list(first)
-        sqlite_writer = await self._ready_sqlite_writer()
+        sqlite_writer = self._sqlite_batch_writer()
         if sqlite_writer is not None:
             returned = await sqlite_writer.write(self._batch_insert, rows, keys)
         else:
@@ -179,32 +179,20 @@ class OutboxStore:
                 result = (await connection.exec_driver_sql(sql, parameters)).all()
             return {row[1]: (row[0], row[2], row[3]) for row in result}
 
-    async def _ready_sqlite_writer(self) -> _SqliteBatchWriter | None:
-        """The SQLite file's batch writer (None elsewhere), about to write.
-
-        SQLite shares one mapping of the database's `-shm` file among all the connections of a
-        process to that file. A connection opened while the files were read-only maps it
-        read-only, and a connection opened later while that one lives shares the mapping: it
-        cannot write either, even once the files are writable again. So before the writer opens
-        a connection (its first, or a new one after a failure of the database), the engine's
-        pooled connections (`/readyz`, `/metrics`) are closed, and opened again when next
-        needed. (One checked out at that moment is not; the next failed write tries again.)
-        """
+    def _sqlite_batch_writer(self) -> _SqliteBatchWriter | None:
+        """The SQLite file's batch writer (None elsewhere)."""
         if not self._sqlite_writer_checked:
             self._sqlite_writer_checked = True
             if self.dialect == "sqlite":
                 self._sqlite_writer = _SqliteBatchWriter.for_engine(self.engine)
-        sqlite_writer = self._sqlite_writer
-        if sqlite_writer is not None and not sqlite_writer.connected:
-            await self.engine.dispose()
-        return sqlite_writer
+        return self._sqlite_writer
 
     async def probe_write(self) -> None:
         """Commit a write that changes nothing (the schema's version row rewritten with its own
         value), through the connection webhooks are written with; raise what makes it fail
         (locked, read-only, full, unreachable, no schema). For readiness, when no webhook has
         shown whether writes work."""
-        sqlite_writer = await self._ready_sqlite_writer()
+        sqlite_writer = self._sqlite_batch_writer()
         if sqlite_writer is not None:
             await sqlite_writer.probe()
             return
@@ -493,8 +481,9 @@ class _SqliteBatchWriter:
     COMMIT, cursor handling) is a round trip between the event loop and aiosqlite's thread;
     here a batch is one round trip, and the thread spends its time in SQLite with the GIL
     released. The connection is opened on that thread at the first batch, and opened again
-    after an error of the database (not after an error of one row's values: a constraint).
-    Errors are raised as SQLAlchemy's `DBAPIError` family, as the engine's.
+    after an error of the database (not after an error of one row's values: a constraint),
+    which a database read-only for a while needs (relay/db/engine.py says why). Errors are
+    raised as SQLAlchemy's `DBAPIError` family, as the engine's.
     """
 
     def __init__(self, connect: Callable[[], sqlite3.Connection]) -> None:
@@ -506,11 +495,6 @@ class _SqliteBatchWriter:
     def for_engine(cls, engine: AsyncEngine) -> _SqliteBatchWriter | None:
         connect = sqlite_writer_connector(engine)
         return None if connect is None else cls(connect)
-
-    @property
-    def connected(self) -> bool:
-        """Whether the next transaction runs on the connection the last one used."""
-        return self._connection is not None
 
     async def write(
         self, statement: _BatchInsert, rows: list[tuple[Any, ...]], keys: list[str]

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.support import OutboxDatabase
 
@@ -138,6 +143,38 @@ class RelayProcess:
                 self.process.kill()
                 self.process.wait(5)
         self._reader.join(5)
+
+
+# --- running as the service user, on files it may or may not write -----------------------------
+
+NOBODY = 65534  # the conventional uid and gid of `nobody`: a user with no rights of its own
+
+
+@contextmanager
+def service_user() -> Iterator[tuple[Path, dict[str, Any]]]:
+    """A directory of the user the relay runs as, and the `Popen` options that run it as
+    that user. File permissions bind only a user without root's rights: as root (CI), the
+    relay runs as `nobody`; otherwise as the current user."""
+    directory = Path(tempfile.mkdtemp(prefix="relay-recovery-"))  # not under pytest's 0700 dir
+    options: dict[str, Any] = {}
+    try:
+        if os.geteuid() == 0:
+            options = {"user": NOBODY, "group": NOBODY, "extra_groups": []}
+            os.chown(directory, NOBODY, NOBODY)
+            probe = subprocess.run(
+                [RELAY, "--version"], capture_output=True, text=True, check=False, **options
+            )
+            if probe.returncode != 0:
+                pytest.skip(f"the relay cannot run as uid {NOBODY} here: {probe.stderr.strip()}")
+        yield directory, options
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def chmod_all(directory: Path, mode: int) -> None:
+    """The database file and its -wal and -shm files, when there."""
+    for path in directory.iterdir():
+        path.chmod(mode)
 
 
 # --- looking at the outbox while processes work on it ------------------------------------------

@@ -124,6 +124,7 @@ def build_backlog(count: int, first_call: int, seed: int) -> Backlog:
 def fill_outbox(database: OutboxDatabase, bodies: list[dict[str, Any]]) -> None:
     """Store `bodies` as the receiver would have, a minute ago (the settle window is over)."""
     received_at = datetime.now(UTC) - timedelta(minutes=1)
+    before = database.count()
 
     async def insert() -> None:
         engine = create_engine(database.url)
@@ -139,7 +140,7 @@ def fill_outbox(database: OutboxDatabase, bodies: list[dict[str, Any]]) -> None:
             await engine.dispose()
 
     asyncio.run(insert())
-    assert database.count() == len(bodies)
+    assert database.count() == before + len(bodies)
 
 
 # --- the processes ----------------------------------------------------------------------------

@@ -7,25 +7,18 @@ from __future__ import annotations
 import json
 import os
 import resource
-import shutil
-import subprocess
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from relay.db.migrate import upgrade_to_head
-from tests.acceptance.processes import RELAY, RelayProcess, relay_env
+from tests.acceptance.processes import NOBODY, RelayProcess, chmod_all, relay_env, service_user
 from tests.support import SAMPLE_TOKEN, count_rows, sample
 
 WEBHOOK = "/aircall/webhook"
 JSON = {"content-type": "application/json"}
 TOKENS = f"main:{SAMPLE_TOKEN}"
-NOBODY = 65534  # the conventional uid and gid of `nobody`: a user with no rights of its own
 
 
 def post(url: str, call_id: int) -> httpx.Response:
@@ -44,33 +37,6 @@ def readiness(url: str) -> tuple[int, dict[str, Any]]:
     response = httpx.get(url + "/readyz", timeout=30)
     body: dict[str, Any] = response.json()
     return response.status_code, body
-
-
-@contextmanager
-def service_user() -> Iterator[tuple[Path, dict[str, Any]]]:
-    """A directory of the user the receiver runs as, and the `Popen` options that run it as
-    that user. File permissions bind only a user without root's rights: as root (CI), the
-    receiver runs as `nobody`; otherwise as the current user."""
-    directory = Path(tempfile.mkdtemp(prefix="relay-recovery-"))  # not under pytest's 0700 dir
-    options: dict[str, Any] = {}
-    try:
-        if os.geteuid() == 0:
-            options = {"user": NOBODY, "group": NOBODY, "extra_groups": []}
-            os.chown(directory, NOBODY, NOBODY)
-            probe = subprocess.run(
-                [RELAY, "--version"], capture_output=True, text=True, check=False, **options
-            )
-            if probe.returncode != 0:
-                pytest.skip(f"the relay cannot run as uid {NOBODY} here: {probe.stderr.strip()}")
-        yield directory, options
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-def chmod_all(directory: Path, mode: int) -> None:
-    """The database file and its -wal and -shm files, when there."""
-    for path in directory.iterdir():
-        path.chmod(mode)
 
 
 def test_serve_recovers_after_its_database_files_were_read_only() -> None:
