@@ -1,319 +1,442 @@
-"""The fake Segment server's memory and rules (fake-segment spec §2, §3, §5, §6): the state that
-runs each request through the pipeline and records what it accepted, discarded and deduplicated,
-and the inspection and control API shared with the HTTP client.
+"""The fake Segment's rules and memory (docs in /work/shared/reference/fake-segment.md, "the spec"):
+what `POST /v1/batch` answers, what happens to each message after a 200, the faults a test
+scripts, and what a test can read back.
 
-`FakeSegmentState` knows nothing of sockets and is thread-safe: the HTTP server
-(`fake_segment_server`) feeds it requests from its event-loop thread while test code reads it
-from another. `FakeSegmentInspector` is the inspection and control API that the in-process fake
-and the HTTP client (`fake_segment_client`) share, with the one-line assertions built on it.
-Everything it returns is plain JSON data, so both give identical answers.
+Segment's documented behaviours kept here, those the relay's tests and benchmarks rely on:
+
+- Auth: the write key of a message is its own `writeKey`, else the body's, else the user name of
+  HTTP Basic auth (empty password). None at all: 400. A key not in `write_keys` (when any are
+  configured), a disabled source or a wrong region: 200 and the message is discarded
+  (`unknown_key_policy="401"` answers 401 instead, a debugging aid that Segment does not have).
+- Limits: a body over `max_batch_bytes` (500 KB), an element over `max_event_bytes` (32 KB,
+  compact UTF-8 JSON), bad JSON, a body that is not an object or a `batch` that is not an array:
+  400 `Bad Request`, nothing accepted. Over `max_batch_events` (2,500): 200, every message
+  discarded. A `Content-Encoding` is refused with 400 (the relay sends none; Segment would accept
+  gzip).
+- 200 for dropped messages: each message is validated after the 200 with Segment's discard codes;
+  discards, duplicates and acceptances are recorded, never signalled on the wire.
+- Dedup by `messageId` within `dedup_window` (24 h), across write keys; discarded messages do not
+  enter the dedup store.
+- Enrichment: `messageId` when absent, `receivedAt`, `originalTimestamp`, and `timestamp`
+  corrected by the client's clock skew (`receivedAt - (sentAt - timestamp)`); the batch's
+  `context`, `integrations` and `sentAt` apply to each message (the message's own keys win).
+- The warehouse: each accepted message lists the reserved columns its properties would fill
+  (`dropped_columns`, relay/snakecase.py, the relay's own list), and is flagged
+  `reserved_property_dropped_in_warehouse` when there are any.
+- Faults (spec §4): a FIFO queue of scripted faults (`inject`, each for `times` requests) and a
+  seeded random chaos table (`set_chaos`), consulted in that order for each request.
+
+`FakeSegmentState` knows nothing of sockets and is thread-safe: the server (fake_segment_server)
+feeds it requests from its connection threads while test code reads it from another thread.
 """
 
 from __future__ import annotations
 
-import abc
-import math
+import base64
+import binascii
+import dataclasses
+import json
 import random
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, Self
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from http import HTTPStatus
+from typing import Any, Final, Literal, Self
 
-import anyio
+from relay.snakecase import reserved_columns_in
 
-from relay.testing.fake_segment_config import (
-    Clock,
-    FakeSegmentOptions,
-    RateLimitConfig,
-    WallClock,
-)
-from relay.testing.fake_segment_faults import (
-    ChaosEntry,
-    ChaosTable,
-    Fault,
-    FaultMatch,
-    FaultQueue,
-)
-from relay.testing.fake_segment_messages import (
-    DISCARD_BAD_REQUEST,
-    DISCARD_BATCH_TOO_MANY_EVENTS,
-    DISCARD_EMPTY_BATCH,
-    DISCARD_INVALID_TYPE,
-    DISCARD_SOURCE_DISABLED,
-    DISCARD_UNKNOWN_SOURCE,
-    DISCARD_WRONG_REGION,
-    enrich_message,
-    format_timestamp,
-    inherit_batch_fields,
-    validate_message,
-    warehouse_drops_property,
-)
-from relay.testing.fake_segment_requests import (
-    REQUEST_ERRORS,
-    HttpResponse,
-    IncomingRequest,
-    PendingMessage,
-    RequestAnalysis,
-    Route,
-    analyze_request,
-    classify_route,
-    error_response,
-    loggable_headers,
-    pixel_response,
-    success_response,
-    with_content_type,
-)
+Region = Literal["us", "eu"]
+FaultKind = Literal["status", "latency", "hang", "reset", "close", "bad_success"]
+AcceptMode = Literal["before_accept", "after_accept"]
+DisconnectPhase = Literal["after_headers_read", "after_body_read", "mid_response"]
 
-# The rate limiter (spec §5)
+MESSAGE_TYPES: Final = frozenset({"identify", "track", "page", "screen", "group", "alias"})
+MAX_MESSAGE_ID_CHARS: Final = 100
+BATCH_PATH: Final = "/v1/batch"
+RESERVED_PROPERTY_FLAG: Final = "reserved_property_dropped_in_warehouse"
+_DISCONNECT_PHASES: Final = ("after_headers_read", "after_body_read", "mid_response")
 
 
-class TokenBucketLimiter:
-    """Token buckets keyed by workspace or write key, refilled on the fake clock."""
-
-    def __init__(self, config: RateLimitConfig) -> None:
-        self.config = config
-        self._buckets: dict[str, tuple[float, float]] = {}
-
-    def take(self, key: str, cost: float, now_seconds: float) -> float | None:
-        """Take `cost` tokens: None when allowed, else the seconds until they would be there."""
-        capacity = self.config.capacity
-        tokens, updated = self._buckets.get(key, (capacity, now_seconds))
-        tokens = min(capacity, tokens + max(0.0, now_seconds - updated) * self.config.rps)
-        # A request costing more than the whole bucket passes when the bucket is full, leaving
-        # a debt; otherwise it could never pass.
-        needed = min(cost, capacity)
-        if tokens >= needed:
-            self._buckets[key] = (tokens - cost, now_seconds)
-            return None
-        self._buckets[key] = (tokens, now_seconds)
-        return (needed - tokens) / self.config.rps
-
-    def clear(self) -> None:
-        self._buckets.clear()
+# Configuration
 
 
-# Inspection API shared by the in-process fake and the HTTP client (spec §6)
+@dataclass(frozen=True)
+class SourceConfig:
+    """What the fake knows of one write key: the region of its workspace, and whether its source
+    is enabled."""
+
+    region: Region = "us"
+    enabled: bool = True
 
 
-def coerce_fault(fault: Fault | Mapping[str, Any]) -> Fault:
-    return fault if isinstance(fault, Fault) else Fault.from_json(fault)
+@dataclass(frozen=True)
+class FakeSegmentOptions:
+    """Every setting of the fake, with Segment's documented limits as defaults.
 
-
-def coerce_chaos_entries(table: Sequence[ChaosEntry | Mapping[str, Any]]) -> list[ChaosEntry]:
-    return [
-        entry if isinstance(entry, ChaosEntry) else ChaosEntry.from_json(entry) for entry in table
-    ]
-
-
-class FakeSegmentInspector(abc.ABC):
-    """What a test can ask of and tell the fake, in process or over HTTP.
-
-    Returned records are plain JSON values; treat them as read-only (in process they are shared
-    with the fake).
+    `write_keys` maps each known write key to its source; when empty, any non-empty key is known.
+    `chaos` and `seed` set the chaos table that `reset()` restores; `seed` also drives latency
+    jitter. `keep_request_bodies=False` keeps the parsed bodies out of the request log (saves
+    memory and time in benchmarks). `clock` gives the time of receipt (default: the wall clock).
     """
 
-    @abc.abstractmethod
-    def requests(self, *, include_bodies: bool = True) -> list[dict[str, Any]]:
-        """One entry per HTTP request to the Segment API, in arrival order."""
+    write_keys: Mapping[str, SourceConfig] = field(default_factory=dict)
+    region: Region = "us"
+    max_batch_bytes: int = 500 << 10
+    max_event_bytes: int = 32 << 10
+    max_batch_events: int = 2500
+    dedup_window: timedelta = timedelta(hours=24)
+    unknown_key_policy: Literal["200_discard", "401"] = "200_discard"
+    keep_request_bodies: bool = True
+    chaos: Sequence[ChaosEntry] = ()
+    seed: int = 0
+    clock: Callable[[], datetime] | None = None
 
-    @abc.abstractmethod
-    def accepted(self) -> list[dict[str, Any]]:
-        """Enriched accepted messages, in acceptance order."""
+    def __post_init__(self) -> None:
+        if self.region not in ("us", "eu"):
+            raise ValueError(f"region must be 'us' or 'eu', not {self.region!r}")
+        if self.unknown_key_policy not in ("200_discard", "401"):
+            raise ValueError("unknown_key_policy must be '200_discard' or '401'")
+        if min(self.max_batch_bytes, self.max_event_bytes, self.max_batch_events) < 1:
+            raise ValueError("the size and count limits must be at least 1")
+        if self.dedup_window < timedelta(0):
+            raise ValueError("dedup_window must not be negative")
+        _check_chaos(self.chaos)
 
-    @abc.abstractmethod
-    def discarded(self) -> list[dict[str, Any]]:
-        """`{level, reason, message, request_seq, position, writeKey}` per discard."""
 
-    @abc.abstractmethod
-    def duplicates(self) -> list[dict[str, Any]]:
-        """`{messageId, first_request_seq, dup_request_seq, first_received_at, dup_received_at,
-        writeKey, position, message}` per duplicate."""
+# Faults (spec §4)
 
-    @abc.abstractmethod
-    def duplicate_count(self, message_id: str) -> int:
-        """How many duplicates of this messageId arrived since the last `reset()`."""
 
-    @abc.abstractmethod
-    def stats(self) -> dict[str, int]:
-        """Counts: requests, accepted, discarded, duplicates, connections_opened,
-        connections_accepted, pending_faults."""
+@dataclass(frozen=True)
+class Fault:
+    """One fault. Build it with the class methods (`Fault.status(503)`, `Fault.reset()`, ...).
 
-    @abc.abstractmethod
-    def now(self) -> datetime:
-        """The fake clock's time."""
+    `before_accept` (the default) records nothing as accepted, except `latency`, which only
+    delays the normal answer (and records nothing if the client leaves meanwhile, flagging the
+    request `client_disconnected`). `after_accept` processes and records the messages first, then
+    the client meets the fault: the ambiguous failure that makes a re-send a duplicate.
+    """
 
-    @abc.abstractmethod
-    def pending_faults(self) -> list[dict[str, Any]]:
-        """The scripted faults still queued, with their filters and counters."""
+    kind: FaultKind
+    accept: AcceptMode = "before_accept"
+    code: int | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    body: str | None = None
+    ms: float | None = None
+    jitter_ms: float = 0.0
+    phase: DisconnectPhase | None = None
 
-    @abc.abstractmethod
-    def chaos(self) -> dict[str, Any]:
-        """The chaos table in force, `{seed, table}`."""
+    def __post_init__(self) -> None:
+        if self.accept not in ("before_accept", "after_accept"):
+            raise ValueError(f"accept must be before_accept or after_accept, not {self.accept!r}")
+        low, high = (200, 299) if self.kind == "bad_success" else (200, 599)
+        if self.kind in ("status", "bad_success") and not low <= (self.code or 0) <= high:
+            raise ValueError(f"a {self.kind} fault needs a code from {low} to {high}")
+        if self.kind == "latency" and (self.ms is None or self.ms < 0 or self.jitter_ms < 0):
+            raise ValueError("a latency fault needs ms >= 0 and jitter_ms >= 0")
+        if self.kind in ("reset", "close"):
+            if self.phase not in _DISCONNECT_PHASES:
+                raise ValueError(f"{self.kind} phase must be one of {_DISCONNECT_PHASES}")
+            if self.accept == "after_accept" and self.phase == "after_headers_read":
+                raise ValueError(f"an after_accept {self.kind} needs the body: not {self.phase}")
 
-    @abc.abstractmethod
-    def reset(self) -> None:
-        """Forget every record, the dedup store, the rate buckets and the scripted faults; the
-        chaos table goes back to the configured one. Connections already open are not counted
-        again by `connections_opened`."""
-
-    @abc.abstractmethod
-    def clear_dedup(self) -> None:
-        """Forget only the dedup store."""
-
-    @abc.abstractmethod
-    def advance(self, seconds: float) -> None:
-        """Move the fake clock."""
-
-    @abc.abstractmethod
-    def inject(
-        self,
-        fault: Fault | Mapping[str, Any],
+    @classmethod
+    def status(
+        cls,
+        code: int,
         *,
-        path: str | None = None,
-        write_key: str | None = None,
-        nth: int = 1,
-        times: int | None = 1,
-    ) -> None:
-        """Queue a scripted fault for the matching requests (see `FaultMatch`)."""
+        headers: Mapping[str, str] | None = None,
+        body: str | None = None,
+        accept: AcceptMode = "before_accept",
+    ) -> Fault:
+        """Answer `code` with these headers and body (by default the status's reason phrase)."""
+        return cls("status", accept, code, tuple((headers or {}).items()), body)
 
-    @abc.abstractmethod
-    def set_chaos(self, table: Sequence[ChaosEntry | Mapping[str, Any]], seed: int = 0) -> None:
-        """Replace the random chaos table (an empty table turns chaos off)."""
+    @classmethod
+    def rate_limited(cls, seconds: int = 1, *, accept: AcceptMode = "before_accept") -> Fault:
+        """A 429 as Segment documents it: `Retry-After` and `X-RateLimit-Reset` in seconds."""
+        headers = {"Retry-After": str(seconds), "X-RateLimit-Reset": str(seconds)}
+        return cls.status(429, headers=headers, accept=accept)
 
-    # Built on the primitives above.
+    @classmethod
+    def latency(
+        cls, ms: float, *, jitter_ms: float = 0.0, accept: AcceptMode = "before_accept"
+    ) -> Fault:
+        """Answer normally after `ms` milliseconds, plus a seeded draw of up to `jitter_ms`."""
+        return cls("latency", accept, ms=ms, jitter_ms=jitter_ms)
 
-    def events(
-        self, name: str | None = None, *, user_id: str | None = None
-    ) -> list[dict[str, Any]]:
-        """Accepted Track messages, optionally with this event name and userId."""
-        return [
-            message
-            for message in self.accepted()
-            if message.get("type") == "track"
-            and (name is None or message.get("event") == name)
-            and (user_id is None or message.get("userId") == user_id)
-        ]
+    @classmethod
+    def hang(cls, ms: float | None = None, *, accept: AcceptMode = "before_accept") -> Fault:
+        """Read the request and answer nothing; close after `ms`, or when the client leaves."""
+        return cls("hang", accept, ms=ms)
 
-    def connections_opened(self) -> int:
-        """TCP connections that carried Segment API traffic (control traffic is not counted)."""
-        return self.stats()["connections_opened"]
+    @classmethod
+    def reset(
+        cls, phase: DisconnectPhase = "after_body_read", *, accept: AcceptMode = "before_accept"
+    ) -> Fault:
+        """Abort the connection with a TCP RST at `phase`; `mid_response` first sends the status
+        line and the first header."""
+        return cls("reset", accept, phase=phase)
 
-    def _condition_holds(self, predicate: Callable[[Self], bool] | None, count: int | None) -> bool:
-        if count is not None and self.stats()["accepted"] < count:
-            return False
-        return predicate is None or predicate(self)
+    @classmethod
+    def close(
+        cls, phase: DisconnectPhase = "after_body_read", *, accept: AcceptMode = "before_accept"
+    ) -> Fault:
+        """Close the connection (FIN) at `phase`, without a complete response."""
+        return cls("close", accept, phase=phase)
 
-    def _timeout_error(self, count: int | None, timeout: float) -> TimeoutError:
-        wanted = f"{count} accepted messages" if count is not None else "the condition"
-        return TimeoutError(f"waited {timeout} s for {wanted}; fake stats: {self.stats()}")
+    @classmethod
+    def bad_success(
+        cls, body: str = "", *, code: int = 200, accept: AcceptMode = "before_accept"
+    ) -> Fault:
+        """A 2xx whose body is not `{"success": true}`, or a 2xx other than 200."""
+        return cls("bad_success", accept, code, body=body)
 
-    def wait_for(
-        self,
-        predicate: Callable[[Self], bool] | None = None,
-        *,
-        count: int | None = None,
-        timeout: float = 5.0,
-    ) -> None:
-        """Block until `predicate(self)` holds and at least `count` messages were accepted."""
-        if predicate is None and count is None:
-            raise ValueError("wait_for needs a predicate or a count")
-        deadline = time.monotonic() + timeout
-        while not self._condition_holds(predicate, count):
-            if time.monotonic() >= deadline:
-                raise self._timeout_error(count, timeout)
-            time.sleep(0.01)
+    @property
+    def processes(self) -> bool:
+        """Whether the request is processed (its messages recorded) under this fault."""
+        return self.kind == "latency" or self.accept == "after_accept"
 
-    async def wait_for_async(
-        self,
-        predicate: Callable[[Self], bool] | None = None,
-        *,
-        count: int | None = None,
-    ) -> None:
-        """`wait_for` for async tests: polls without blocking the event loop. It has no timeout
-        of its own; bound it with `anyio.fail_after(seconds)` (or `asyncio.timeout`)."""
-        if predicate is None and count is None:
-            raise ValueError("wait_for_async needs a predicate or a count")
-        # Polling, because the records change on the server's thread (or in another process),
-        # where no event of this loop can be set.
-        while not self._condition_holds(predicate, count):  # noqa: ASYNC110
-            await anyio.sleep(0.01)
 
-    def assert_no_discards(self) -> None:
-        """No message or request was discarded (a 200 that lost data)."""
-        discards = self.discarded()
-        if discards:
-            summary = [
-                (item["reason"], item.get("request_seq"), item.get("position"))
-                for item in discards[:10]
-            ]
-            raise AssertionError(
-                f"{len(discards)} discards (reason, request_seq, position): {summary}"
-            )
+@dataclass(frozen=True)
+class ChaosEntry:
+    """One row of the chaos table: `fault` strikes a request with this probability."""
 
-    def assert_no_duplicates(self) -> None:
-        """No messageId arrived twice within the dedup window."""
-        duplicates = self.duplicates()
-        if duplicates:
-            ids = [item["messageId"] for item in duplicates[:10]]
-            raise AssertionError(f"{len(duplicates)} duplicates, messageIds: {ids}")
+    fault: Fault
+    probability: float
 
-    def assert_max_request_bytes(self, limit: int) -> None:
-        """No Segment API request had a decoded body over `limit` bytes."""
-        over = [
-            (entry["seq"], entry["decoded_size"])
-            for entry in self.requests(include_bodies=False)
-            if entry["kind"] is not None and (entry["decoded_size"] or 0) > limit
-        ]
-        if over:
-            raise AssertionError(f"requests over {limit} bytes (seq, decoded_size): {over[:10]}")
 
-    def assert_max_batch_events(self, limit: int) -> None:
-        """No request carried more than `limit` messages."""
-        over = [
-            (entry["seq"], entry["message_count"])
-            for entry in self.requests(include_bodies=False)
-            if entry["message_count"] > limit
-        ]
-        if over:
-            raise AssertionError(f"requests over {limit} events (seq, message_count): {over[:10]}")
+def _check_chaos(table: Sequence[ChaosEntry]) -> None:
+    if any(not 0.0 <= entry.probability <= 1.0 for entry in table):
+        raise ValueError("a chaos probability is between 0 and 1")
+    if sum(entry.probability for entry in table) > 1.0 + 1e-9:
+        raise ValueError("the chaos probabilities add up to more than 1")
+
+
+# What goes on the wire
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+
+SUCCESS: Final = Response(200, (("Content-Type", "application/json"),), b'{"success": true}')
+
+
+def reason_phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def error_response(status: int, headers: Mapping[str, str] | None = None) -> Response:
+    """Segment's error answer: the bare reason phrase as plain text (`Bad Request`)."""
+    all_headers = {"Content-Type": "text/plain", **(headers or {})}
+    return Response(status, tuple(all_headers.items()), reason_phrase(status).encode())
+
+
+def fault_response(fault: Fault, answer: Response | None) -> Response | None:
+    """What the client gets under `fault`, given the pipeline's `answer` (None when the request
+    was not processed); None when it gets no complete response."""
+    if fault.kind == "latency":
+        return answer
+    if fault.kind == "bad_success":
+        headers = {"Content-Type": "application/json", **dict(fault.headers)}
+        return Response(fault.code or 200, tuple(headers.items()), (fault.body or "").encode())
+    if fault.kind == "status":
+        code = fault.code or 500
+        if fault.body is None and code >= 400:
+            return error_response(code, dict(fault.headers))
+        headers = {"Content-Type": "text/plain", **dict(fault.headers)}
+        return Response(code, tuple(headers.items()), (fault.body or "").encode())
+    return None
+
+
+# Request analysis: outside the lock
+
+
+@dataclass
+class Analysis:
+    """A request decoded and checked: `error` names why it gets a 400 (None: it gets a 200), and
+    `messages` are (position, element, write key) of the batch."""
+
+    error: str | None = None
+    body: dict[str, Any] | None = None
+    logged_body: object = None
+    messages: list[tuple[int, object, object]] = field(default_factory=list)
+    flags: list[str] = field(default_factory=list)
+    size: int = 0
+
+
+def _basic_auth_key(header: str | None, flags: list[str]) -> str | None:
+    scheme, _, credentials = (header or "").strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        flags.append("bad_basic_auth")
+        return None
+    user, colon, password = decoded.partition(":")
+    if not colon:
+        flags.append("basic_without_colon")  # tolerated, as Segment does today
+    # The key is the user name and the password is empty: anything else is not a write key.
+    return None if password else user
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def analyze(headers: Mapping[str, str], raw: bytes, options: FakeSegmentOptions) -> Analysis:
+    """Check a `/v1/batch` request in Segment's order; `headers` have lower-case names."""
+    result = Analysis(size=len(raw))
+    media_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        result.flags.append("bad_content_type")  # Segment asks for it, and accepts without
+    basic_key = _basic_auth_key(headers.get("authorization"), result.flags)
+    if headers.get("content-encoding", "identity").strip().lower() != "identity":
+        result.error = "unsupported_content_encoding"
+        return result
+    if len(raw) > options.max_batch_bytes:
+        result.error = "body_too_large"
+        return result
+    try:
+        parsed = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError):
+        result.error = "invalid_json"
+        result.logged_body = raw.decode("utf-8", "replace")
+        return result
+    result.logged_body = parsed
+    if not isinstance(parsed, dict):
+        result.error = "not_an_object"
+        return result
+    result.body = parsed
+    batch = parsed.get("batch")
+    if batch is None:
+        batch = []
+    if not isinstance(batch, list):
+        result.error = "batch_not_array"
+        return result
+    if any(_compact_size(element) > options.max_event_bytes for element in batch):
+        result.error = "event_too_large"
+    body_key = parsed.get("writeKey")
+    for position, element in enumerate(batch):
+        own_key = element.get("writeKey") if isinstance(element, dict) else None
+        keys = (own_key, body_key, basic_key)
+        result.messages.append((position, element, next((k for k in keys if k is not None), None)))
+    keys_in_force = [key for _, _, key in result.messages] or [body_key or basic_key]
+    if result.error is None and any(not isinstance(key, str) or not key for key in keys_in_force):
+        result.error = "missing_write_key"
+    return result
+
+
+def _compact_size(element: object) -> int:
+    return len(json.dumps(element, separators=(",", ":"), ensure_ascii=False).encode())
+
+
+# Per-message rules (spec §3)
+
+
+def discard_reason(message: Mapping[str, Any]) -> str | None:
+    """The first of Segment's validation failures for this message, or None."""
+    kind = message.get("type")
+    if kind not in MESSAGE_TYPES:
+        return "invalid_type"
+    ids = (message.get("userId"), message.get("anonymousId"))
+    if ids == (None, None):
+        return "no_user_anon_id"
+    if any(value is not None and (not isinstance(value, str) or not value) for value in ids):
+        return "id_not_string"
+    event = message.get("event")
+    if kind == "track" and event is None:
+        return "event_not_defined"
+    if kind == "track" and (not isinstance(event, str) or not event):
+        return "event_not_string"
+    if kind in ("track", "page", "screen") and not isinstance(message.get("properties", {}), dict):
+        return "properties_not_object"
+    message_id = message.get("messageId")
+    if message_id is not None and (
+        not isinstance(message_id, str) or not 0 < len(message_id) <= MAX_MESSAGE_ID_CHARS
+    ):
+        return "invalid_message_id"
+    return None
+
+
+def format_timestamp(moment: datetime) -> str:
+    """ISO-8601 UTC with `Z`, in milliseconds unless the value is finer."""
+    moment = moment.astimezone(UTC).replace(tzinfo=None)
+    precision = "milliseconds" if moment.microsecond % 1000 == 0 else "microseconds"
+    return moment.isoformat(timespec=precision) + "Z"
+
+
+def _parse_timestamp(value: object) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+def enrich(message: dict[str, Any], received: datetime, flags: list[str]) -> None:
+    """Segment's ingest enrichment: `messageId` when absent and the four timestamps."""
+    if message.get("messageId") is None:
+        message["messageId"] = f"fake-{uuid.uuid4()}"
+        flags.append("message_id_assigned")
+    message["receivedAt"] = format_timestamp(received)
+    message.setdefault("sentAt", None)
+    original = message.get("timestamp")
+    message["originalTimestamp"] = original
+    if original is None:
+        message["timestamp"] = message["receivedAt"]
+        return
+    original_at, sent_at = _parse_timestamp(original), _parse_timestamp(message["sentAt"])
+    if original_at is None:
+        flags.append("invalid_timestamp")
+        message["timestamp"] = message["receivedAt"]
+    elif sent_at is not None:
+        message["timestamp"] = format_timestamp(received - (sent_at - original_at))
+
+
+def inherit_batch_fields(element: dict[str, Any], body: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a batch element with the batch's `context` and `integrations` merged in (the
+    element's keys win) and the batch's `sentAt` when it has none."""
+    message = dict(element)
+    for name in ("context", "integrations"):
+        shared, own = body.get(name), message.get(name)
+        if isinstance(shared, dict) and (own is None or isinstance(own, dict)):
+            message[name] = {**shared, **(own or {})}
+    if message.get("sentAt") is None and body.get("sentAt") is not None:
+        message["sentAt"] = body["sentAt"]
+    return message
 
 
 # The state
 
 
-@dataclass(frozen=True)
-class HandledRequest:
-    """What the state decided for one request: `sent` is what goes on the wire (None: nothing);
-    `pipeline_response` is what the pipeline answered (None when the request was not processed)."""
+class FakeSegmentState:
+    """The fake's rules and records. Every method is safe to call from any thread.
 
-    seq: int
-    sent: HttpResponse | None
-    pipeline_response: HttpResponse | None
+    Returned records are plain JSON values (also served under `/__fake/...`); treat them as
+    read-only.
+    """
 
-
-@dataclass
-class _DedupEntry:
-    received_at: datetime
-    request_seq: int
-
-
-class FakeSegmentState(FakeSegmentInspector):
-    """The fake's memory and rules. Every method is safe to call from any thread."""
-
-    def __init__(self, options: FakeSegmentOptions | None = None) -> None:
-        self.options = options or FakeSegmentOptions()
-        self._clock: Clock = self.options.clock or WallClock()
+    def __init__(self, options: FakeSegmentOptions | None = None, **overrides: Any) -> None:
+        self.options = dataclasses.replace(options or FakeSegmentOptions(), **overrides)
+        self._clock = self.options.clock or (lambda: datetime.now(UTC))
         # Re-entrant, because a wait_for predicate calls the inspection methods.
         self._condition = threading.Condition(threading.RLock())
-        self._limiter = (
-            TokenBucketLimiter(self.options.rate_limit) if self.options.rate_limit else None
-        )
-        self._faults = FaultQueue()
-        self._jitter_random = random.Random(self.options.seed)
-        self._next_connection_id = 1
+        self._jitter = random.Random(self.options.seed)
+        self._connections_opened = 0
         self._forget_everything()
 
     def _forget_everything(self) -> None:
@@ -322,383 +445,187 @@ class FakeSegmentState(FakeSegmentInspector):
         self._discarded: list[dict[str, Any]] = []
         self._duplicates: list[dict[str, Any]] = []
         self._duplicate_counts: Counter[str] = Counter()
-        self._dedup: dict[str, _DedupEntry] = {}
-        self._next_request_seq = 1
-        self._connections_opened = 0
-        self._connections_accepted = 0
-        self._faults.clear()
-        self._chaos = ChaosTable(self.options.chaos, self.options.chaos_seed)
-        if self._limiter is not None:
-            self._limiter.clear()
+        self._dedup: dict[str, tuple[datetime, int]] = {}
+        self._scripted: list[list[Any]] = []  # [fault, requests left (None: no end)]
+        self._chaos = list(self.options.chaos)
+        self._chaos_random = random.Random(self.options.seed)
 
     # Called by the server.
 
-    def connection_accepted(self) -> int:
-        """Count a TCP connection and return its id."""
-        with self._condition:
-            connection_id = self._next_connection_id
-            self._next_connection_id += 1
-            self._connections_accepted += 1
-            self._condition.notify_all()
-            return connection_id
-
-    def count_api_connection(self) -> None:
-        """Count a connection once it carries Segment API traffic (or an on_accept fault)."""
+    def connection_opened(self) -> None:
         with self._condition:
             self._connections_opened += 1
-            self._condition.notify_all()
 
-    def select_connection_fault(self) -> Fault | None:
+    def take_fault(self) -> Fault | None:
+        """The fault for the next Segment API request: the first scripted one, else chaos's
+        draw (one draw per request, so a seed always gives the same sequence), else None."""
         with self._condition:
-            return self._faults.take_for_connection()
+            if self._scripted:
+                entry = self._scripted[0]
+                if entry[1] is not None:
+                    entry[1] -= 1
+                    if entry[1] == 0:
+                        self._scripted.pop(0)
+                fault: Fault = entry[0]
+                return fault
+            if not self._chaos:
+                return None
+            roll, cumulative = self._chaos_random.random(), 0.0
+            for chaos in self._chaos:
+                cumulative += chaos.probability
+                if roll < cumulative:
+                    return chaos.fault
+            return None
 
-    def fault_matching_needs_write_keys(self) -> bool:
+    def delay_seconds(self, fault: Fault) -> float:
         with self._condition:
-            return self._faults.needs_write_keys() or any(
-                entry.write_key is not None for entry in self._chaos.entries
-            )
+            jitter = self._jitter.uniform(0, fault.jitter_ms) if fault.jitter_ms else 0.0
+        return ((fault.ms or 0.0) + jitter) / 1000
 
-    def select_request_fault(self, path: str, write_keys: Sequence[str]) -> Fault | None:
-        """The scripted fault for this request, else chaos's draw, else None."""
-        with self._condition:
-            fault = self._faults.take_for_request(path, write_keys)
-            if fault is None:
-                fault = self._chaos.draw(path, write_keys)
-            return fault
-
-    def fault_delay_seconds(self, fault: Fault) -> float:
-        with self._condition:
-            jitter = self._jitter_random.uniform(0, fault.jitter_ms) if fault.jitter_ms else 0.0
-        return ((fault.ms or 0.0) + jitter) / 1000.0
-
-    def request_write_keys(self, request: IncomingRequest) -> list[str]:
-        """The write keys visible in a request (Basic auth, and the body if it was read)."""
-        route = classify_route(request.method, request.target)
-        return analyze_request(request, route, self.options).write_keys_seen
-
-    def record_connection_fault(self, connection_id: int, fault: Fault) -> None:
-        """Log an on_accept fault: a request entry with no method or path, as none was read."""
-        with self._condition:
-            entry = self._new_entry(connection_id, self._clock.now())
-            entry["seq"] = self._next_request_seq
-            self._next_request_seq += 1
-            entry["fault"] = fault.to_json()
-            self._requests.append(entry)
-            self._condition.notify_all()
-
-    def handle_request(
+    def handle(
         self,
-        request: IncomingRequest,
+        analysis: Analysis | None,
         fault: Fault | None = None,
         *,
-        process: bool = True,
-        extra_flags: Sequence[str] = (),
-    ) -> HandledRequest:
-        """Run a Segment API request through the pipeline (when `process`), record it, and say
-        what to send given the fault in force."""
-        route = classify_route(request.method, request.target)
-        analysis = analyze_request(request, route, self.options)
+        flags: Sequence[str] = (),
+    ) -> tuple[Response | None, Response | None]:
+        """Record a `POST /v1/batch` and run it through the pipeline, unless `fault` forbids or
+        its body was never read (`analysis` None); return (what to send, what the pipeline
+        answered, None when it did not run)."""
         with self._condition:
-            seq = self._next_request_seq
-            self._next_request_seq += 1
-            now = self._clock.now()
-            entry = self._new_entry(request.connection_id, now)
-            entry.update(
-                seq=seq,
-                method=request.method,
-                path=route.path,
-                target=request.target,
-                kind=route.kind,
-                headers=loggable_headers(request.headers),
-                raw_size=analysis.raw_size,
-                decoded_size=analysis.decoded_size,
-                content_encoding=analysis.content_encoding,
-                content_type=analysis.content_type,
-                auth_mode=analysis.auth_mode,
-                write_keys_seen=list(analysis.write_keys_seen),
-                message_count=len(analysis.messages),
-                decoded_body=analysis.logged_body if self.options.keep_request_bodies else None,
-            )
-            flags: list[str] = entry["flags"]
-            flags.extend(analysis.flags)
-            flags.extend(extra_flags)
-            pipeline_response = (
-                self._run_pipeline(route, analysis, entry, seq, now) if process else None
-            )
-            sent = (
-                pipeline_response
-                if fault is None
-                else self._fault_response(fault, pipeline_response)
-            )
+            now = self._clock()
+            entry: dict[str, Any] = {
+                "seq": len(self._requests) + 1,
+                "received_at": format_timestamp(now),
+                "size": None if analysis is None else analysis.size,
+                "message_count": 0 if analysis is None else len(analysis.messages),
+                "status": None,
+                "error": None,
+                "fault": None if fault is None else dataclasses.asdict(fault),
+                "flags": [*flags, *(analysis.flags if analysis else ())],
+                "decoded_body": (
+                    analysis.logged_body if analysis and self.options.keep_request_bodies else None
+                ),
+            }
+            answer = None
+            if analysis is not None and (fault is None or fault.processes):
+                answer = self._pipeline(analysis, entry, now)
+            sent = answer if fault is None else fault_response(fault, answer)
             entry["status"] = None if sent is None else sent.status
-            entry["response_body"] = None if sent is None else sent.body_text()
-            entry["fault"] = None if fault is None else fault.to_json()
             self._requests.append(entry)
             self._condition.notify_all()
-        return HandledRequest(seq, sent, pipeline_response)
+        return sent, answer
 
-    def _new_entry(self, connection_id: int, now: datetime) -> dict[str, Any]:
-        return {
-            "seq": None,
-            "connection_id": connection_id,
-            "received_at": format_timestamp(now),
-            "method": None,
-            "path": None,
-            "target": None,
-            "kind": None,
-            "headers": {},
-            "raw_size": 0,
-            "decoded_size": None,
-            "content_encoding": None,
-            "content_type": None,
-            "auth_mode": "none",
-            "write_keys_seen": [],
-            "status": None,
-            "response_body": None,
-            "error": None,
-            "fault": None,
-            "flags": [],
-            "message_count": 0,
-            "decoded_body": None,
-        }
-
-    def _fault_response(
-        self, fault: Fault, pipeline_response: HttpResponse | None
-    ) -> HttpResponse | None:
-        """What the client gets under `fault`; None when it gets no (complete) response."""
-        style = self.options.error_body_style
-        if fault.kind == "latency":
-            return pipeline_response
-        if fault.kind == "slow_body":
-            return pipeline_response or success_response()
-        if fault.kind == "bad_success":
-            return HttpResponse(
-                fault.code or 200,
-                with_content_type(fault.content_type or "application/json", fault.headers),
-                (fault.body or "").encode(),
-            )
-        if fault.kind == "status":
-            code = fault.code or 500
-            if fault.body is None and code >= 400:
-                default = error_response(code, "injected_fault", style)
-                default_type = dict(default.headers)["Content-Type"]
-                return HttpResponse(
-                    code,
-                    with_content_type(fault.content_type or default_type, fault.headers),
-                    default.body,
-                )
-            return HttpResponse(
-                code,
-                with_content_type(fault.content_type or "text/plain", fault.headers),
-                (fault.body or "").encode(),
-            )
-        return None
-
-    def _run_pipeline(
-        self,
-        route: Route,
-        analysis: RequestAnalysis,
-        entry: dict[str, Any],
-        seq: int,
-        now: datetime,
-    ) -> HttpResponse:
-        style = self.options.error_body_style
-        if route.family == "not_found":
-            entry["error"] = "not_found"
-            return error_response(404, "not_found", style)
-        if not route.method_allowed:
-            entry["error"] = "method_not_allowed"
-            return error_response(405, "method_not_allowed", style)
-        lenient = route.family in ("short", "pixel")
-        answer = pixel_response() if route.family == "pixel" else success_response()
-        throttled = False
-        if not lenient and self._limiter is not None:
-            limit = self._limiter.config
-            wait = self._limiter.take(
-                self._rate_limit_key(analysis, limit),
-                max(1, len(analysis.messages)) if limit.unit == "events" else 1,
-                now.timestamp(),
-            )
-            if wait is not None:
-                if limit.mode == "reject":
-                    entry["error"] = "rate_limited"
-                    seconds = limit.retry_after_seconds
-                    if seconds is None:
-                        seconds = max(1, math.ceil(wait))
-                    headers = (("Retry-After", str(seconds)), ("X-RateLimit-Reset", str(seconds)))
-                    return error_response(429, "rate_limited", style, headers=headers)
-                throttled = True
-                entry["flags"].append("throttled_queued")
+    def _pipeline(self, analysis: Analysis, entry: dict[str, Any], now: datetime) -> Response:
         if analysis.error is not None:
             entry["error"] = analysis.error
-            if lenient:
-                self._discarded.append(
-                    _request_discard(DISCARD_BAD_REQUEST, seq, detail=analysis.error)
-                )
-                return answer
-            status = self.options.empty_key_status if analysis.error == "missing_write_key" else 400
-            return error_response(
-                status, analysis.error, style, message=REQUEST_ERRORS[analysis.error]
-            )
-        if (
-            not lenient
-            and self.options.unknown_key_policy == "401"
-            and self.options.write_keys
-            and any(
-                message.write_key not in self.options.write_keys for message in analysis.messages
-            )
-        ):
+            return error_response(400)
+        keys = self.options.write_keys
+        unknown = [key for _, _, key in analysis.messages if keys and key not in keys]
+        if unknown and self.options.unknown_key_policy == "401":
             entry["error"] = "unknown_write_key"
-            return error_response(401, "unknown_write_key", style, message="Unknown write key")
-        self._process_messages(analysis, entry, seq, now, throttled)
-        return answer
+            return error_response(401)
+        if not analysis.messages:
+            entry["flags"].append("empty_batch")
+            discard = {"level": "request", "reason": "empty_batch", "request_seq": entry["seq"]}
+            self._discarded.append(discard)
+            return SUCCESS
+        too_many = len(analysis.messages) > self.options.max_batch_events
+        results = [
+            self._process(analysis.body or {}, message, entry["seq"], now, too_many)
+            for message in analysis.messages
+        ]
+        if any(results) and not all(results):
+            entry["flags"].append("multi_user_error")
+        return SUCCESS
 
-    def _rate_limit_key(self, analysis: RequestAnalysis, limit: RateLimitConfig) -> str:
-        key = next(
-            (
-                message.write_key
-                for message in analysis.messages
-                if isinstance(message.write_key, str)
-            ),
-            analysis.write_keys_seen[0] if analysis.write_keys_seen else "",
-        )
-        if limit.per == "write_key":
-            return f"key:{key}"
-        return f"workspace:{self._workspace_of(key)}"
-
-    def _workspace_of(self, key: object) -> str | None:
-        if not self.options.write_keys:
-            return "default"
-        if isinstance(key, str) and key in self.options.write_keys:
-            return self.options.write_keys[key].workspace
-        return None
-
-    def _process_messages(
+    def _process(
         self,
-        analysis: RequestAnalysis,
-        entry: dict[str, Any],
+        body: Mapping[str, Any],
+        pending: tuple[int, object, object],
         seq: int,
         now: datetime,
-        throttled: bool,
-    ) -> None:
-        flags: list[str] = entry["flags"]
-        messages = analysis.messages
-        if not messages:
-            flags.append("empty_batch")
-            self._discarded.append(_request_discard(DISCARD_EMPTY_BATCH, seq))
-            return
-        limit = self.options.max_batch_events
-        too_many = analysis.is_batch and len(messages) > limit
-        discard_all = too_many and self.options.over_count_policy == "discard_all"
-        failures = passes = 0
-        body = analysis.body or {}
-        for pending in messages:
-            element = pending.element
-            if isinstance(element, dict):
-                message = (
-                    inherit_batch_fields(element, body) if analysis.is_batch else dict(element)
-                )
-            else:
-                message = {"value": element}
-            message["writeKey"] = pending.write_key
-            if discard_all or (too_many and pending.position >= limit):
-                reason: str | None = DISCARD_BATCH_TOO_MANY_EVENTS
-            elif not isinstance(element, dict):
-                reason = DISCARD_INVALID_TYPE
-            else:
-                reason = self._source_check(pending.write_key) or validate_message(
-                    message, self.options
-                )
-            if reason is not None:
-                failures += 1
-                self._discarded.append(
-                    {
-                        "level": "message",
-                        "reason": reason,
-                        "message": message,
-                        "request_seq": seq,
-                        "position": pending.position,
-                        "writeKey": pending.write_key,
-                    }
-                )
-                continue
-            passes += 1
-            self._accept(message, pending, seq, now, throttled)
-        if analysis.is_batch and failures and passes:
-            flags.append("multi_user_error")
-
-    def _source_check(self, key: object) -> str | None:
-        write_keys = self.options.write_keys
-        if not write_keys:
-            return None
-        if not isinstance(key, str) or key not in write_keys:
-            return DISCARD_UNKNOWN_SOURCE
-        source = write_keys[key]
-        if not source.enabled:
-            return DISCARD_SOURCE_DISABLED
-        if source.region != self.options.region:
-            return DISCARD_WRONG_REGION
-        return None
-
-    def _accept(
-        self,
-        message: dict[str, Any],
-        pending: PendingMessage,
-        seq: int,
-        now: datetime,
-        throttled: bool,
-    ) -> None:
-        flags: list[str] = ["throttled_queued"] if throttled else []
-        enrich_message(message, now, flags)
+        too_many: bool,
+    ) -> bool:
+        """Discard, deduplicate or accept one message; True unless it was discarded."""
+        position, element, key = pending
+        if isinstance(element, dict):
+            message = inherit_batch_fields(element, body)
+        else:
+            message = {"value": element}
+        message["writeKey"] = key
+        if too_many:
+            reason: str | None = "batch_too_many_events"
+        elif not isinstance(element, dict):
+            reason = "invalid_type"
+        else:
+            reason = self._source_problem(key) or discard_reason(message)
+        origin = {"request_seq": seq, "position": position}
+        if reason is not None:
+            discard = {"level": "message", "reason": reason, "message": message, **origin}
+            self._discarded.append(discard)
+            return False
+        flags: list[str] = []
+        enrich(message, now, flags)
         properties = message.get("properties")
-        if isinstance(properties, dict) and any(
-            warehouse_drops_property(name, value) for name, value in properties.items()
-        ):
-            flags.append("reserved_property_dropped_in_warehouse")
-        message["workspace"] = self._workspace_of(pending.write_key)
-        message["request_seq"] = seq
-        message["position"] = pending.position
-        message["flags"] = flags
+        dropped = reserved_columns_in(properties) if isinstance(properties, dict) else []
+        if dropped:
+            flags.append(RESERVED_PROPERTY_FLAG)
+        message.update(origin, flags=flags, dropped_columns=dropped)
         message_id: str = message["messageId"]
         first = self._dedup.get(message_id)
-        if first is not None and now - first.received_at < self.options.dedup_window:
+        if first is not None and now - first[0] < self.options.dedup_window:
             self._duplicate_counts[message_id] += 1
             self._duplicates.append(
                 {
                     "messageId": message_id,
-                    "first_request_seq": first.request_seq,
+                    "first_request_seq": first[1],
                     "dup_request_seq": seq,
-                    "first_received_at": format_timestamp(first.received_at),
+                    "first_received_at": format_timestamp(first[0]),
                     "dup_received_at": format_timestamp(now),
-                    "writeKey": pending.write_key,
-                    "position": pending.position,
                     "message": message,
                 }
             )
-            return
-        self._dedup[message_id] = _DedupEntry(now, seq)
-        self._accepted.append(message)
+        else:
+            self._dedup[message_id] = (now, seq)
+            self._accepted.append(message)
+        return True
 
-    # Inspection and control.
+    def _source_problem(self, key: object) -> str | None:
+        keys = self.options.write_keys
+        if not keys:
+            return None
+        source = keys.get(key) if isinstance(key, str) else None
+        if source is None:
+            return "unknown_source"
+        if not source.enabled:
+            return "source_disabled"
+        return "wrong_region" if source.region != self.options.region else None
+
+    # Inspection and control (spec §6).
 
     def requests(self, *, include_bodies: bool = True) -> list[dict[str, Any]]:
+        """One entry per request to the Segment API, in arrival order: `seq`, `received_at`,
+        `size`, `message_count`, `status` sent (None: no response), `error` (why a 4xx),
+        `fault`, `flags`, `decoded_body`."""
         with self._condition:
             if include_bodies:
                 return list(self._requests)
-            return [
-                {name: value for name, value in entry.items() if name != "decoded_body"}
-                for entry in self._requests
-            ]
+            return [{**entry, "decoded_body": None} for entry in self._requests]
 
     def accepted(self) -> list[dict[str, Any]]:
+        """The accepted messages, enriched, in acceptance order."""
         with self._condition:
             return list(self._accepted)
 
     def discarded(self) -> list[dict[str, Any]]:
+        """`{level, reason, message, request_seq, position}` per discard, in order."""
         with self._condition:
             return list(self._discarded)
 
     def duplicates(self) -> list[dict[str, Any]]:
+        """`{messageId, first_request_seq, dup_request_seq, first_received_at, dup_received_at,
+        message}` per duplicate, in order."""
         with self._condition:
             return list(self._duplicates)
 
@@ -714,52 +641,40 @@ class FakeSegmentState(FakeSegmentInspector):
                 "discarded": len(self._discarded),
                 "duplicates": len(self._duplicates),
                 "connections_opened": self._connections_opened,
-                "connections_accepted": self._connections_accepted,
-                "pending_faults": len(self._faults),
             }
 
-    def now(self) -> datetime:
-        return self._clock.now()
+    def connections_opened(self) -> int:
+        """TCP connections accepted since the fake started."""
+        return self.stats()["connections_opened"]
 
-    def pending_faults(self) -> list[dict[str, Any]]:
-        with self._condition:
-            return self._faults.pending()
-
-    def chaos(self) -> dict[str, Any]:
-        with self._condition:
-            return self._chaos.to_json()
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        """Accepted track messages, optionally only those of event `name`."""
+        return [
+            message
+            for message in self.accepted()
+            if message.get("type") == "track" and name in (None, message.get("event"))
+        ]
 
     def reset(self) -> None:
+        """Forget every record, the dedup store and the scripted faults; the chaos table goes
+        back to the configured one. Connections are not counted again."""
         with self._condition:
             self._forget_everything()
             self._condition.notify_all()
 
-    def clear_dedup(self) -> None:
+    def inject(self, fault: Fault, *, times: int | None = 1) -> None:
+        """Queue `fault` for the next `times` requests (None: every request until `reset`)."""
+        if times is not None and times < 1:
+            raise ValueError("times must be at least 1, or None")
         with self._condition:
-            self._dedup.clear()
+            self._scripted.append([fault, times])
 
-    def advance(self, seconds: float) -> None:
+    def set_chaos(self, table: Sequence[ChaosEntry], seed: int = 0) -> None:
+        """Replace the chaos table (an empty one turns chaos off), drawing from `seed`."""
+        _check_chaos(table)
         with self._condition:
-            self._clock.advance(seconds)
-            self._condition.notify_all()
-
-    def inject(
-        self,
-        fault: Fault | Mapping[str, Any],
-        *,
-        path: str | None = None,
-        write_key: str | None = None,
-        nth: int = 1,
-        times: int | None = 1,
-    ) -> None:
-        match = FaultMatch(path=path, write_key=write_key, nth=nth, times=times)
-        with self._condition:
-            self._faults.push(coerce_fault(fault), match)
-
-    def set_chaos(self, table: Sequence[ChaosEntry | Mapping[str, Any]], seed: int = 0) -> None:
-        chaos = ChaosTable(coerce_chaos_entries(table), seed)
-        with self._condition:
-            self._chaos = chaos
+            self._chaos = list(table)
+            self._chaos_random = random.Random(seed)
 
     def wait_for(
         self,
@@ -768,25 +683,38 @@ class FakeSegmentState(FakeSegmentInspector):
         count: int | None = None,
         timeout: float = 5.0,
     ) -> None:
-        # Sleeps on the condition the server notifies, so it wakes at once instead of polling.
+        """Block until `predicate(self)` holds and at least `count` messages were accepted."""
         if predicate is None and count is None:
             raise ValueError("wait_for needs a predicate or a count")
         deadline = time.monotonic() + timeout
         with self._condition:
-            while not self._condition_holds(predicate, count):
+            while not (
+                (count is None or len(self._accepted) >= count)
+                and (predicate is None or predicate(self))
+            ):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise self._timeout_error(count, timeout)
+                    wanted = "the condition" if count is None else f"{count} accepted messages"
+                    raise TimeoutError(f"waited {timeout} s for {wanted}; stats {self.stats()}")
                 self._condition.wait(remaining)
 
+    def assert_no_discards(self) -> None:
+        """No message or request was discarded: no 200 lost data."""
+        if discards := self.discarded():
+            summary = [
+                (item["reason"], item["request_seq"], item.get("position")) for item in discards
+            ]
+            raise AssertionError(
+                f"{len(discards)} discards (reason, request_seq, position): {summary[:10]}"
+            )
 
-def _request_discard(reason: str, seq: int, *, detail: str | None = None) -> dict[str, Any]:
-    return {
-        "level": "request",
-        "reason": reason,
-        "detail": detail,
-        "message": None,
-        "request_seq": seq,
-        "position": None,
-        "writeKey": None,
-    }
+    def assert_no_duplicates(self) -> None:
+        """No messageId arrived twice within the dedup window."""
+        if ids := [item["messageId"] for item in self.duplicates()]:
+            raise AssertionError(f"{len(ids)} duplicates, messageIds: {ids[:10]}")
+
+    def assert_max_batch_events(self, limit: int) -> None:
+        """No request carried more than `limit` messages."""
+        requests = self.requests(include_bodies=False)
+        if over := [(e["seq"], e["message_count"]) for e in requests if e["message_count"] > limit]:
+            raise AssertionError(f"requests over {limit} events (seq, message_count): {over[:10]}")
