@@ -8,13 +8,9 @@ a fake (`aircall-relay fake-segment`, `demo`) and the tests import this package.
 
 from __future__ import annotations
 
-from relay.testing.fake_segment import (
-    ChaosEntry,
-    FakeSegmentOptions,
-    FakeSegmentState,
-    Fault,
-    SourceConfig,
-)
+from relay.testing.fake_segment import FakeSegmentState
+from relay.testing.fake_segment_faults import ChaosEntry, Fault
+from relay.testing.fake_segment_rules import FakeSegmentOptions, SourceConfig
 from relay.testing.fake_segment_server import FakeSegment
 
 __all__ = [

@@ -31,19 +31,16 @@ from types import TracebackType
 from typing import Any, Final, Self
 from urllib.parse import parse_qsl, urlsplit
 
-from relay.testing.fake_segment import (
-    BATCH_PATH,
+from relay.testing.fake_segment import FakeSegmentState
+from relay.testing.fake_segment_faults import (
     SUCCESS,
     ChaosEntry,
-    FakeSegmentOptions,
-    FakeSegmentState,
     Fault,
     Response,
-    SourceConfig,
-    analyze,
     error_response,
     reason_phrase,
 )
+from relay.testing.fake_segment_rules import BATCH_PATH, FakeSegmentOptions, SourceConfig, analyze
 
 CONTROL_PREFIX: Final = "/__fake/"
 _POLL_SECONDS: Final = 0.05

@@ -23,7 +23,7 @@ import pytest
 from relay.cli import build_parser
 from relay.db.migrate import upgrade_to_head
 from relay.testing import ChaosEntry, FakeSegment, Fault
-from relay.testing.fake_segment import AcceptMode, DisconnectPhase
+from relay.testing.fake_segment_faults import AcceptMode, DisconnectPhase
 from relay.testing.fake_segment_server import chaos_table
 
 WRITE_KEY = "write-key-0123456789abcdef012345"
