@@ -38,8 +38,6 @@ from relay.drainer.metrics import DrainerMetrics
 from relay.logs import configure_logging, get_logger
 from relay.outbox_cli import add_outbox_commands, run_outbox_command
 from relay.settings import CONFIG_FILE_ENV, DEFAULTS, Settings, SettingsError, load_settings
-from relay.testing.fake_segment_cli import add_cli_arguments as add_fake_segment_arguments
-from relay.testing.fake_segment_cli import run_from_cli as run_fake_segment
 
 # The receiver's modules (Quart, Hypercorn) are imported by the commands that serve it, so that
 # `drain`, `migrate` and `outbox` start without them (about 0.3 s of CPU and 14 MiB less).
@@ -231,7 +229,10 @@ def command_demo(args: argparse.Namespace) -> int:
 
 
 def command_fake_segment(args: argparse.Namespace) -> int:
-    return run_fake_segment(args)
+    # Imported here: only the commands that serve a fake load relay.testing.
+    from relay.testing.fake_segment_server import run_from_cli
+
+    return run_from_cli(args)
 
 
 def command_check(args: argparse.Namespace) -> int:
@@ -255,6 +256,16 @@ def _describe_database(settings: Settings) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Parser
+
+
+def _failure_rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError("the failure rate is between 0 and 1")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -310,7 +321,33 @@ def build_parser() -> argparse.ArgumentParser:
         "fake-segment",
         help="a local fake of Segment's HTTP API, for trials (keeps what it accepts in memory)",
     )
-    add_fake_segment_arguments(fake)
+    fake.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    fake.add_argument(
+        "--port", type=int, default=0, help="port to bind; 0 (the default) picks a free one"
+    )
+    fake.add_argument(
+        "--write-key",
+        dest="write_keys",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="a known write key (repeatable); with none, any non-empty key is known",
+    )
+    fake.add_argument(
+        "--chaos",
+        type=_failure_rate,
+        default=0.0,
+        metavar="FAILURE_RATE",
+        help="fail this share of requests at random, a third each with 500, 429 and a reset",
+    )
+    fake.add_argument("--seed", type=int, default=0, help="seed of the --chaos draws (default 0)")
+    fake.add_argument(
+        "--keep-request-bodies",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep each request's body in the request log (default); --no-keep-request-bodies "
+        "saves memory and time in benchmarks",
+    )
     fake.set_defaults(handler=command_fake_segment)
 
     demo = commands.add_parser(

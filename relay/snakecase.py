@@ -164,3 +164,24 @@ def _flatten(joined_keys: str, path: str, value: Any) -> Iterator[tuple[str, str
             yield from _flatten(f"{joined_keys}_{key}", f"{path}.{key}", child)
     else:
         yield snakecase(joined_keys), path
+
+
+def reserved_columns_in(properties: Mapping[str, Any]) -> list[str]:
+    """The reserved columns these properties would fill, so what a warehouse would discard.
+
+    The same columns as `flattened_columns` filtered by `is_reserved_column`, without walking the
+    objects under a safe name (none of their columns can be reserved): the fake Segment runs it
+    on every message it accepts.
+    """
+    return list(_reserved_columns(properties, None))
+
+
+def _reserved_columns(properties: Mapping[str, Any], parent: str | None) -> Iterator[str]:
+    for key, value in properties.items():
+        joined_keys = key if parent is None else f"{parent}_{key}"
+        if is_safe_property_name(joined_keys):
+            continue
+        if isinstance(value, Mapping) and value:
+            yield from _reserved_columns(value, joined_keys)
+        elif is_reserved_column(column := snakecase(joined_keys)):
+            yield column

@@ -29,7 +29,7 @@ from relay.testing.sample_payloads import SAMPLES_DIRECTORY, sample_files, sampl
 from relay.testing.sample_payloads import sample_events as sample_events
 
 if TYPE_CHECKING:
-    from relay.testing import FakeSegmentInspector
+    from relay.testing import FakeSegmentState
 
 ROOT = Path(__file__).resolve().parents[1]
 # The sample payloads the package ships (relay/testing/samples/), for parametrized tests (a test
@@ -423,7 +423,7 @@ def call_id_of(message: dict[str, Any]) -> int:
     return int(message["properties"]["call_id"])
 
 
-def assert_accepted_once(fake: FakeSegmentInspector, message_ids: set[str]) -> None:
+def assert_accepted_once(fake: FakeSegmentState, message_ids: set[str]) -> None:
     """Every one of `message_ids` accepted once, nothing else, no discard."""
     ids = [message["messageId"] for message in fake.accepted()]
     twice = [message_id for message_id, n in Counter(ids).items() if n > 1]
@@ -435,7 +435,7 @@ def assert_accepted_once(fake: FakeSegmentInspector, message_ids: set[str]) -> N
     assert fake.discarded() == []
 
 
-def assert_resends_are_copies(fake: FakeSegmentInspector) -> int:
+def assert_resends_are_copies(fake: FakeSegmentState) -> int:
     """Every duplicate the fake saw is a re-send of an accepted message (same messageId, event
     and call); returns how many there were."""
     duplicates = fake.duplicates()
@@ -448,16 +448,14 @@ def assert_resends_are_copies(fake: FakeSegmentInspector) -> int:
     return len(duplicates)
 
 
-def assert_accepted_exactly(fake: FakeSegmentInspector, backlog: Backlog) -> None:
+def assert_accepted_exactly(fake: FakeSegmentState, backlog: Backlog) -> None:
     """Every messageId of the backlog accepted once, nothing else, no discard, and each call's
     events first accepted in the expected order."""
     assert_accepted_once(fake, backlog.message_ids)
     assert_first_accepted_in_order(fake, backlog.expected)
 
 
-def assert_first_accepted_in_order(
-    fake: FakeSegmentInspector, expected: dict[int, list[str]]
-) -> None:
+def assert_first_accepted_in_order(fake: FakeSegmentState, expected: dict[int, list[str]]) -> None:
     """The calls of `expected` (call id -> messageIds) had their events first accepted in that
     order."""
     by_call: dict[int, list[str]] = {}

@@ -1,42 +1,23 @@
-"""Test helpers shipped with the relay: a local fake of Segment's HTTP Tracking API.
+"""Test helpers shipped with the relay: a local fake of Segment's HTTP Tracking API, and the
+sample webhooks (`sample_payloads`).
 
-`FakeSegment` serves it on loopback from a background thread and records what it accepted,
-discarded and deduplicated; `Fault` and `ChaosEntry` script failures; `FakeSegmentClient` inspects
-a fake running in another process. The command line lives in `relay.testing.fake_segment_cli`.
+`FakeSegment` serves the fake on loopback from background threads and records what it accepted,
+discarded and deduplicated; `Fault` and `ChaosEntry` script failures. Only the commands that serve
+a fake (`aircall-relay fake-segment`, `demo`) and the tests import this package.
 """
 
 from __future__ import annotations
 
-from relay.testing.fake_segment import FakeSegmentInspector, FakeSegmentState
-from relay.testing.fake_segment_client import FakeSegmentClient
-from relay.testing.fake_segment_config import (
-    Clock,
-    FakeSegmentOptions,
-    ManualClock,
-    RateLimitConfig,
-    SourceConfig,
-    WallClock,
-)
-from relay.testing.fake_segment_faults import ChaosEntry, Fault, FaultMatch
-from relay.testing.fake_segment_messages import DISCARD_REASONS, snakecase, table_name
-from relay.testing.fake_segment_server import FakeSegment, serve_forever
+from relay.testing.fake_segment import FakeSegmentState
+from relay.testing.fake_segment_faults import ChaosEntry, Fault
+from relay.testing.fake_segment_rules import FakeSegmentOptions, SourceConfig
+from relay.testing.fake_segment_server import FakeSegment
 
 __all__ = [
-    "DISCARD_REASONS",
     "ChaosEntry",
-    "Clock",
     "FakeSegment",
-    "FakeSegmentClient",
-    "FakeSegmentInspector",
     "FakeSegmentOptions",
     "FakeSegmentState",
     "Fault",
-    "FaultMatch",
-    "ManualClock",
-    "RateLimitConfig",
     "SourceConfig",
-    "WallClock",
-    "serve_forever",
-    "snakecase",
-    "table_name",
 ]

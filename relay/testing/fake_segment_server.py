@@ -1,452 +1,234 @@
-"""The fake Segment server on the wire: HTTP/1.1 with keep-alive on asyncio streams and h11.
+"""The fake Segment on the wire: HTTP/1.1 with keep-alive, from the standard library's threaded
+`http.server` (one thread per connection), serving `POST /v1/batch` through `FakeSegmentState`,
+carrying out the faults on the socket itself (an RST through `SO_LINGER (1, 0)`, a FIN, a hang,
+a partial response), and serving the `/__fake/...` control API for a test or a person in
+another process:
 
-It reads requests, hands them to `FakeSegmentState`, carries out the faults the state picks on the
-socket itself (an RST through `SO_LINGER (1, 0)`, a FIN, a hang, a partial or trickled response),
-and serves the `/__fake/...` control API. `FakeSegment` runs it on a background thread with its own
-event loop, for sync and async tests alike; `serve_forever` runs it in the foreground until SIGTERM
-or SIGINT, for the CLI.
+- `GET /__fake/requests`, `/__fake/accepted`, `/__fake/discarded`, `/__fake/duplicates`: the
+  records as JSON lists, paged with `offset` and `limit` (`bodies=0` leaves the request bodies
+  out); `GET /__fake/stats`: the counts. `POST /__fake/reset`: forget everything.
+
+`FakeSegment` serves from background threads, for tests; `run_from_cli` serves until SIGTERM or
+SIGINT, for `aircall-relay fake-segment`.
 """
 
 from __future__ import annotations
 
-import asyncio
+import argparse
 import contextlib
-import dataclasses
-import logging
+import json
+import select
 import signal
 import socket
+import socketserver
 import struct
+import sys
 import threading
-from collections.abc import Callable
-from http import HTTPStatus
+import time
+from collections.abc import Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any, Final, Self
-
-import anyio
-import h11
+from urllib.parse import parse_qsl, urlsplit
 
 from relay.testing.fake_segment import FakeSegmentState
-from relay.testing.fake_segment_config import FakeSegmentOptions
-from relay.testing.fake_segment_control import control_response, health_response
-from relay.testing.fake_segment_faults import Fault
-from relay.testing.fake_segment_requests import (
-    HttpResponse,
-    IncomingRequest,
-    classify_route,
-    cors_preflight_response,
-    success_response,
+from relay.testing.fake_segment_faults import (
+    SUCCESS,
+    ChaosEntry,
+    Fault,
+    Response,
+    error_response,
+    reason_phrase,
 )
+from relay.testing.fake_segment_rules import BATCH_PATH, FakeSegmentOptions, SourceConfig, analyze
 
-logger = logging.getLogger(__name__)
-
-READ_CHUNK_BYTES: Final = 64 * 1024
-# The server stops reading a request body past this size, far above any Segment limit.
-MAX_WIRE_BODY_BYTES: Final = 32 * 1024 * 1024
-MAX_HEAD_BYTES: Final = 64 * 1024
-_CLOSE_TIMEOUT_SECONDS: Final = 1.0
-_BAD_REQUEST_BYTES: Final = (
-    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 11\r\n"
-    b"Connection: close\r\n\r\nBad Request"
-)
+CONTROL_PREFIX: Final = "/__fake/"
+_POLL_SECONDS: Final = 0.05
 
 
-class _ClientGone(Exception):
-    """The client closed its side before the request was complete."""
+def wire_bytes(response: Response) -> bytes:
+    """The response as sent: status line, headers with our own `Content-Length`, body."""
+    lines = [f"HTTP/1.1 {response.status} {reason_phrase(response.status)}"]
+    lines += [
+        f"{name}: {value}" for name, value in response.headers if name.lower() != "content-length"
+    ]
+    if response.status >= 200 and response.status not in (204, 304):
+        lines.append(f"Content-Length: {len(response.body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + response.body
 
 
-def _reason(status: int) -> str:
+def _json(payload: object, status: int = 200) -> Response:
+    body = json.dumps(payload, separators=(",", ":"), default=str).encode()
+    return Response(status, (("Content-Type", "application/json"),), body)
+
+
+def control_response(state: FakeSegmentState, name: str, query: Mapping[str, str]) -> Response:
+    """Answer `GET /__fake/<name>`."""
+    lists = {
+        "requests": lambda: state.requests(include_bodies=query.get("bodies") != "0"),
+        "accepted": state.accepted,
+        "discarded": state.discarded,
+        "duplicates": state.duplicates,
+    }
+    if name == "stats":
+        return _json(state.stats())
+    if name not in lists:
+        return _json({"error": f"no control endpoint {CONTROL_PREFIX}{name}"}, 404)
     try:
-        return HTTPStatus(status).phrase
+        offset, limit = (
+            int(query.get(key) or default) for key, default in (("offset", 0), ("limit", -1))
+        )
     except ValueError:
-        return ""
+        return _json({"error": "offset and limit must be integers"}, 400)
+    items = lists[name]()[max(0, offset) :]
+    return _json(items if limit < 0 else items[:limit])
 
 
-def _has_body(status: int) -> bool:
-    return status >= 200 and status not in (204, 304)
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], state: FakeSegmentState) -> None:
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.state = state
+        self.stopping = threading.Event()
+        self.open_sockets: set[socket.socket] = set()
+        self.lock = threading.Lock()
+        super().__init__(address, _Handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer's own looks the host's name up, which can wait on DNS; nothing uses it.
+        socketserver.TCPServer.server_bind(self)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that went away (or a connection dropped by `stop`) is no error of the fake.
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
 
 
-def _wire_headers(response: HttpResponse) -> list[tuple[str, str]]:
-    # The length is always ours, so a fault cannot make h11 refuse the response.
-    headers = [
-        (name, value) for name, value in response.headers if name.lower() != "content-length"
-    ]
-    if _has_body(response.status):
-        headers.append(("Content-Length", str(len(response.body))))
-    return headers
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    server: _Server
 
+    def setup(self) -> None:
+        super().setup()
+        with self.server.lock:
+            self.server.open_sockets.add(self.connection)
+        self.server.state.connection_opened()
 
-def partial_response_bytes(response: HttpResponse, partial_bytes: int | None) -> bytes:
-    """The start of `response` as bytes on the wire, never the whole of it: `partial_bytes`
-    bytes, or by default the status line and the first header line."""
-    status_line = f"HTTP/1.1 {response.status} {_reason(response.status)}\r\n".encode("latin-1")
-    header_lines = [
-        f"{name}: {value}\r\n".encode("latin-1") for name, value in _wire_headers(response)
-    ]
-    whole = status_line + b"".join(header_lines) + b"\r\n" + response.body
-    if partial_bytes is None:
-        partial_bytes = len(status_line) + (len(header_lines[0]) if header_lines else 0)
-    return whole[: min(partial_bytes, len(whole) - 1)]
+    def finish(self) -> None:
+        with self.server.lock:
+            self.server.open_sockets.discard(self.connection)
+        super().finish()
 
+    def log_message(self, format: str, *args: Any) -> None:
+        """Quiet: the records are the fake's output, not stderr."""
 
-class _Connection:
-    """One accepted TCP connection: its h11 state machine and the faults carried out on it."""
-
-    def __init__(
-        self,
-        state: FakeSegmentState,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        connection_id: int,
-    ) -> None:
-        self._state = state
-        self._reader = reader
-        self._writer = writer
-        self._connection_id = connection_id
-        self._http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
-        self._counted = False
-        self._closed = False
-        self._body: bytes | None = None
-        self._raw_size = 0
-        self._body_over_limit = False
-        self._method = ""
-
-    async def serve(self) -> None:
-        try:
-            if await self._apply_connection_fault():
-                return
-            while not self._closed:
-                event = await self._next_event()
-                if not isinstance(event, h11.Request):
-                    break
-                if not await self._serve_request(event):
-                    break
-                if self._http.our_state is not h11.DONE or self._http.their_state is not h11.DONE:
-                    break
-                self._http.start_next_cycle()
-        except h11.RemoteProtocolError:
-            await self._send_protocol_error()
-        except (_ClientGone, ConnectionError, TimeoutError):
-            pass
-        except asyncio.CancelledError:
-            # The server is stopping: drop the connection at once.
-            self._reset()
-            raise
-        except Exception:
-            logger.exception("fake Segment: connection %s failed", self._connection_id)
-            self._reset()
-        finally:
-            await self._close_gracefully()
-
-    # Reading.
-
-    async def _next_event(self) -> h11.Event | None:
-        while True:
-            event = self._http.next_event()
-            if isinstance(event, h11.Event):
-                return event
-            if event is not h11.NEED_DATA:
-                return None
-            if self._http.they_are_waiting_for_100_continue:
-                await self._write(
-                    self._http.send(h11.InformationalResponse(status_code=100, headers=[]))
-                )
-            self._http.receive_data(await self._reader.read(READ_CHUNK_BYTES))
-
-    async def _read_body(self) -> None:
-        if self._body is not None:
-            return
-        chunks: list[bytes] = []
-        while True:
-            event = await self._next_event()
-            if isinstance(event, h11.Data):
-                self._raw_size += len(event.data)
-                if self._raw_size > MAX_WIRE_BODY_BYTES:
-                    self._body_over_limit = True
-                    self._body = b""
-                    return
-                chunks.append(bytes(event.data))
-            elif isinstance(event, h11.EndOfMessage):
-                self._body = b"".join(chunks)
-                return
-            else:
-                raise _ClientGone
-
-    def _request(
-        self, method: str, target: str, headers: tuple[tuple[str, str], ...]
-    ) -> IncomingRequest:
-        return IncomingRequest(
-            method=method,
-            target=target,
-            headers=headers,
-            body=self._body or b"",
-            connection_id=self._connection_id,
-            body_over_wire_limit=self._body_over_limit,
-            raw_size=self._raw_size,
+    def _path(self) -> tuple[str, dict[str, str]]:
+        parts = urlsplit(self.path)
+        path = parts.path.lower()
+        return (path[:-1] if len(path) > 1 and path.endswith("/") else path), dict(
+            parse_qsl(parts.query)
         )
 
-    async def _client_leaves_within(self, seconds: float | None) -> bool:
-        """Wait up to `seconds` (None: for ever); True as soon as the client closes its side."""
-        try:
-            async with asyncio.timeout(seconds):
-                while True:
-                    data = await self._reader.read(READ_CHUNK_BYTES)
-                    if not data:
-                        return True
-                    # A pipelined next request: keep it for the next cycle.
-                    self._http.receive_data(data)
-        except TimeoutError:
-            return False
-        except ConnectionError:
-            return True
+    def _read_body(self) -> bytes:
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
-    # Writing and closing.
-
-    async def _write(self, data: bytes) -> None:
-        self._writer.write(data)
-        await self._writer.drain()
-
-    async def _send(self, response: HttpResponse | None) -> None:
+    def _send(self, response: Response | None) -> None:
         if response is None:
-            raise RuntimeError("the fake Segment state gave no response to send")
-        data = self._http.send(
-            h11.Response(
-                status_code=response.status,
-                headers=_wire_headers(response),
-                reason=_reason(response.status).encode("latin-1"),
-            )
-        )
-        if self._sends_body(response) and response.body:
-            data += self._http.send(h11.Data(data=response.body)) or b""
-        data += self._http.send(h11.EndOfMessage()) or b""
-        await self._write(data or b"")
+            raise RuntimeError("the fake Segment's state gave no response to send")
+        self.wfile.write(wire_bytes(response))
+        if any(
+            name.lower() == "connection" and value.lower() == "close"
+            for name, value in response.headers
+        ):
+            self.close_connection = True
 
-    async def _send_slowly(self, response: HttpResponse | None, bytes_per_second: float) -> None:
-        if response is None:
-            raise RuntimeError("the fake Segment state gave no response to send")
-        head = self._http.send(
-            h11.Response(
-                status_code=response.status,
-                headers=_wire_headers(response),
-                reason=_reason(response.status).encode("latin-1"),
-            )
-        )
-        await self._write(head or b"")
-        body = response.body if self._sends_body(response) else b""
-        chunk_size = max(1, int(bytes_per_second / 20))
-        for offset in range(0, len(body), chunk_size):
-            piece = body[offset : offset + chunk_size]
-            await asyncio.sleep(len(piece) / bytes_per_second)
-            await self._write(self._http.send(h11.Data(data=piece)) or b"")
-        await self._write(self._http.send(h11.EndOfMessage()) or b"")
-
-    def _sends_body(self, response: HttpResponse) -> bool:
-        # A HEAD answer keeps its Content-Length but carries no body.
-        return _has_body(response.status) and self._method != "HEAD"
-
-    async def _send_protocol_error(self) -> None:
-        # Only when no response of this cycle has started; h11 cannot send after its own error.
-        if self._http.our_state in (h11.IDLE, h11.SEND_RESPONSE) and not self._closed:
-            with contextlib.suppress(ConnectionError, OSError):
-                await self._write(_BAD_REQUEST_BYTES)
-
-    def _reset(self) -> None:
-        """Abort with a TCP RST: linger on, timeout 0, then close. Also ends a graceful close
-        that was interrupted, so it never returns early."""
-        self._closed = True
-        sock = self._writer.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self._writer.transport.abort()
-
-    async def _close_gracefully(self) -> None:
-        """Close with a FIN after what was written has gone out.
-
-        The write side is shut first, then what the client still sends is read and dropped until
-        it closes too: closing a socket with unread data makes the kernel answer with an RST.
-        """
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            async with asyncio.timeout(_CLOSE_TIMEOUT_SECONDS):
-                if self._writer.can_write_eof():
-                    self._writer.write_eof()
-                    while await self._reader.read(READ_CHUNK_BYTES):
-                        pass
-                self._writer.close()
-                await self._writer.wait_closed()
-        except (TimeoutError, ConnectionError, OSError):
-            self._writer.transport.abort()
-
-    async def _disconnect(self, fault: Fault) -> None:
-        if fault.kind == "reset":
-            self._reset()
+    def do_GET(self) -> None:
+        path, query = self._path()
+        if path.startswith(CONTROL_PREFIX):
+            self._send(control_response(self.server.state, path[len(CONTROL_PREFIX) :], query))
         else:
-            await self._close_gracefully()
+            self._send(error_response(405 if path == BATCH_PATH else 404))
 
-    # Requests.
+    def do_POST(self) -> None:
+        path, _ = self._path()
+        if path == BATCH_PATH:
+            self._serve_batch()
+            return
+        self._read_body()
+        if path == f"{CONTROL_PREFIX}reset":
+            self.server.state.reset()
+            self._send(_json({"ok": True}))
+        else:
+            self._send(error_response(404))
 
-    def _count_connection(self) -> None:
-        if not self._counted:
-            self._counted = True
-            self._state.count_api_connection()
-
-    async def _apply_connection_fault(self) -> bool:
-        fault = self._state.select_connection_fault()
-        if fault is None:
-            return False
-        self._count_connection()
-        self._state.record_connection_fault(self._connection_id, fault)
-        await self._disconnect(fault)
-        return True
-
-    async def _serve_request(self, event: h11.Request) -> bool:
-        """Serve one request; False when the connection must not carry another."""
-        method = event.method.decode("ascii", "replace").upper()
-        target = event.target.decode("latin-1")
-        headers = tuple(
-            (name.decode("latin-1").lower(), value.decode("latin-1"))
-            for name, value in event.headers
+    def _serve_batch(self) -> None:
+        state = self.server.state
+        fault = state.take_fault()
+        if fault is not None and fault.phase == "after_headers_read":
+            state.handle(None, fault)
+            self._disconnect(fault)
+            return
+        analysis = analyze(
+            {name.lower(): value for name, value in self.headers.items()},
+            self._read_body(),
+            state.options,
         )
-        self._body = None
-        self._raw_size = 0
-        self._body_over_limit = False
-        self._method = method
-        route = classify_route(method, target)
-        if route.family == "control":
-            await self._read_body()
-            await self._send(control_response(self._state, method, route, self._body or b""))
-            return True
-        if route.family == "health" and route.method_allowed:
-            await self._read_body()
-            await self._send(health_response())
-            return True
-        if method == "OPTIONS":
-            await self._read_body()
-            await self._send(cors_preflight_response())
-            return True
-
-        self._count_connection()
-        if self._state.fault_matching_needs_write_keys():
-            await self._read_body()
-        write_keys = self._state.request_write_keys(self._request(method, target, headers))
-        fault = self._state.select_request_fault(route.path, write_keys)
         if fault is None:
-            await self._read_body()
-            await self._send(
-                self._state.handle_request(self._request(method, target, headers)).sent
-            )
-            return True
-        return await self._carry_out(fault, method, target, headers)
+            self._send(state.handle(analysis)[0])
+            return
+        delay = state.delay_seconds(fault) if fault.kind == "latency" else 0.0
+        if fault.kind == "latency" and fault.accept == "before_accept":
+            if self._client_leaves_within(delay):
+                # The client gave up before the fake accepted anything: nothing is recorded.
+                state.handle(None, fault, flags=("client_disconnected",))
+                self.close_connection = True
+                return
+            delay = 0.0
+        sent, answer = state.handle(analysis, fault)
+        if fault.kind in ("status", "bad_success", "latency"):
+            self.server.stopping.wait(delay)
+            self._send(sent)
+        elif fault.kind == "hang":
+            self._client_leaves_within(None if fault.ms is None else fault.ms / 1000)
+            self.close_connection = True
+        else:
+            if fault.phase == "mid_response":  # the status line and the first header
+                whole = wire_bytes(answer or SUCCESS)
+                self.wfile.write(whole[: whole.index(b"\r\n", whole.index(b"\r\n") + 2) + 2])
+            self._disconnect(fault)
 
-    async def _carry_out(
-        self, fault: Fault, method: str, target: str, headers: tuple[tuple[str, str], ...]
-    ) -> bool:
-        if fault.stage == "head":
-            if fault.kind == "latency":
-                await asyncio.sleep(self._state.fault_delay_seconds(fault))
-            else:
-                self._state.handle_request(
-                    self._request(method, target, headers), fault, process=False
-                )
-                await self._disconnect(fault)
+    def _client_leaves_within(self, seconds: float | None) -> bool:
+        """Wait up to `seconds` (None: for ever); True as soon as the client closes its side.
+        What it sends meanwhile is dropped: this connection carries nothing more."""
+        deadline = None if seconds is None else time.monotonic() + seconds
+        poller = select.poll()
+        poller.register(self.connection, select.POLLIN)
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not poller.poll(None if remaining is None else remaining * 1000):
                 return False
-        await self._read_body()
-        request = self._request(method, target, headers)
-        if fault.kind == "latency":
-            return await self._carry_out_latency(fault, request)
-        result = self._state.handle_request(request, fault, process=fault.accept == "after_accept")
-        if fault.kind in ("status", "bad_success"):
-            await self._send(result.sent)
-            return True
-        if fault.kind == "slow_body":
-            await self._send_slowly(result.sent, fault.bytes_per_s or 1.0)
-            return True
-        if fault.kind == "hang":
-            await self._client_leaves_within(None if fault.ms is None else fault.ms / 1000)
-            await self._close_gracefully()
-            return False
-        if fault.phase == "mid_response":
-            answer = result.pipeline_response or success_response()
-            await self._write(partial_response_bytes(answer, fault.partial_bytes))
-        await self._disconnect(fault)
-        return False
+            try:
+                if not self.connection.recv(65536):
+                    return True
+            except OSError:
+                return True
 
-    async def _carry_out_latency(self, fault: Fault, request: IncomingRequest) -> bool:
-        if fault.phase == "before_read":
-            # The delay already happened, before the body was read.
-            await self._send(self._state.handle_request(request, fault).sent)
-            return True
-        delay = self._state.fault_delay_seconds(fault)
-        if fault.accept == "after_accept":
-            result = self._state.handle_request(request, fault)
-            await asyncio.sleep(delay)
-            await self._send(result.sent)
-            return True
-        if await self._client_leaves_within(delay):
-            # The client gave up before the fake accepted anything: nothing is recorded.
-            self._state.handle_request(
-                request, fault, process=False, extra_flags=("client_disconnected",)
-            )
-            await self._close_gracefully()
-            return False
-        await self._send(self._state.handle_request(request, fault).sent)
-        return True
-
-
-async def run_server(
-    state: FakeSegmentState,
-    sock: socket.socket,
-    stop: asyncio.Event,
-    on_ready: Callable[[], None],
-) -> None:
-    """Serve on the listening socket `sock` until `stop` is set, then drop every connection."""
-    loop = asyncio.get_running_loop()
-    # Each connection's task with its writer: a task cancelled before it ever ran cannot close
-    # its own transport, so the shutdown below does it.
-    connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
-
-    def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        connection = _Connection(state, reader, writer, state.connection_accepted())
-        task = loop.create_task(connection.serve())
-        connections[task] = writer
-        task.add_done_callback(lambda finished: connections.pop(finished, None))
-
-    server = await asyncio.start_server(on_client, sock=sock)
-    try:
-        on_ready()
-        await stop.wait()
-    finally:
-        server.close()
-        pending = dict(connections)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        for writer in pending.values():
-            writer.transport.abort()
-        # One loop turn lets the aborted transports close their sockets.
-        await asyncio.sleep(0)
-        await server.wait_closed()
-
-
-def bind_listening_socket(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.create_server((host, port), family=family, backlog=128)
-    sock.setblocking(False)
-    return sock
-
-
-def base_url_of(sock: socket.socket) -> str:
-    host, port = sock.getsockname()[:2]
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{port}"
+    def _disconnect(self, fault: Fault) -> None:
+        self.close_connection = True
+        if fault.kind == "reset":
+            # Linger on with a zero timeout: closing sends an RST instead of a FIN. The socket
+            # really closes when `finish` closes its file.
+            linger = struct.pack("ii", 1, 0)
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+            self.connection.close()
 
 
 class FakeSegment(FakeSegmentState):
-    """The fake Segment API on loopback, served from a background thread with its own event loop,
-    so both sync and async tests can use it and inspect it at any time.
+    """The fake Segment API on loopback, served from background threads, so that sync and async
+    tests alike can use it and read its records at any time.
 
         with FakeSegment(write_keys={"key": SourceConfig()}) as fake:
             httpx.post(f"{fake.base_url}/v1/batch", json={...}, auth=("key", ""))
@@ -464,16 +246,11 @@ class FakeSegment(FakeSegmentState):
         port: int = 0,
         **overrides: Any,
     ) -> None:
-        if overrides:
-            options = dataclasses.replace(options or FakeSegmentOptions(), **overrides)
-        super().__init__(options)
-        self.host = host
-        self._requested_port = port
-        self._base_url: str | None = None
+        super().__init__(options, **overrides)
+        self._address = (host, port)
+        self._server: _Server | None = None
         self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop_event: asyncio.Event | None = None
-        self._startup_error: BaseException | None = None
+        self._base_url: str | None = None
 
     @property
     def base_url(self) -> str:
@@ -487,50 +264,33 @@ class FakeSegment(FakeSegmentState):
         return int(self.base_url.rsplit(":", 1)[1])
 
     def start(self) -> Self:
-        if self._thread is not None:
+        if self._server is not None:
             raise RuntimeError("this FakeSegment was already started")
-        sock = bind_listening_socket(self.host, self._requested_port)
-        self._base_url = base_url_of(sock)
-        ready = threading.Event()
+        self._server = _Server(self._address, self)
+        host, port = self._server.socket.getsockname()[:2]
+        self._base_url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
         self._thread = threading.Thread(
-            target=self._run_loop,
-            args=(sock, ready),
-            name=f"fake-segment{self._base_url.rsplit(':', 1)[1]}",
+            target=self._server.serve_forever,
+            args=(_POLL_SECONDS,),
+            name=f"fake-segment-{self.port}",
             daemon=True,
         )
         self._thread.start()
-        ready.wait()
-        if self._startup_error is not None:
-            raise RuntimeError("the fake Segment server failed to start") from self._startup_error
         return self
 
-    def _run_loop(self, sock: socket.socket, ready: threading.Event) -> None:
-        try:
-            asyncio.run(self._serve(sock, ready))
-        except Exception as error:
-            self._startup_error = error
-            logger.exception("fake Segment server stopped on an error")
-        finally:
-            sock.close()
-            ready.set()
-
-    async def _serve(self, sock: socket.socket, ready: threading.Event) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stop_event = asyncio.Event()
-        await run_server(self, sock, self._stop_event, ready.set)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop serving and drop open connections; the records stay readable."""
-        thread = self._thread
-        if thread is None or not thread.is_alive():
+    def stop(self) -> None:
+        """Stop serving and drop the open connections; the records stay readable."""
+        server, thread = self._server, self._thread
+        if server is None or thread is None or server.stopping.is_set():
             return
-        loop, stop_event = self._loop, self._stop_event
-        if loop is not None and stop_event is not None:
-            with contextlib.suppress(RuntimeError):  # the loop already closed
-                loop.call_soon_threadsafe(stop_event.set)
-        thread.join(timeout)
-        if thread.is_alive():
-            raise RuntimeError(f"the fake Segment server did not stop within {timeout} s")
+        server.stopping.set()
+        server.shutdown()
+        server.server_close()
+        with server.lock:
+            for connection in server.open_sockets:
+                with contextlib.suppress(OSError):  # the client already closed it
+                    connection.shutdown(socket.SHUT_RDWR)
+        thread.join()
 
     def __enter__(self) -> Self:
         return self.start()
@@ -543,74 +303,36 @@ class FakeSegment(FakeSegmentState):
     ) -> None:
         self.stop()
 
-    async def __aenter__(self) -> Self:
-        return self.start()
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await anyio.to_thread.run_sync(self.stop)
+def chaos_table(failure_rate: float) -> list[ChaosEntry]:
+    """`failure_rate` of the requests fail, a third each with 500, 429 (retry after 1 s) and a
+    reset (`aircall-relay fake-segment --chaos`)."""
+    if failure_rate <= 0:
+        return []
+    faults = (Fault.status(500), Fault.rate_limited(1), Fault.reset())
+    return [ChaosEntry(fault, failure_rate / 3) for fault in faults]
 
 
-async def _wait_for_thread_event(event: threading.Event, stop: asyncio.Event) -> None:
-    # A threading.Event cannot wake an event loop, so it is polled.
-    while not event.is_set():  # noqa: ASYNC110
-        await asyncio.sleep(0.05)
-    stop.set()
-
-
-def serve_forever(
-    host: str = "127.0.0.1",
-    port: int = 0,
-    options: FakeSegmentOptions | None = None,
-    *,
-    ready_callback: Callable[[str], None] | None = None,
-    stop_event: threading.Event | None = None,
-    announce: bool = True,
-) -> None:
-    """Serve the fake in the foreground until SIGTERM or SIGINT (handled only when called from
-    the main thread) or until `stop_event` is set; then return.
-
-    When listening it prints `fake-segment listening on http://HOST:PORT` (unless `announce` is
-    false) and calls `ready_callback(base_url)`.
-    """
-    state = FakeSegmentState(options)
-    sock = bind_listening_socket(host, port)
-    base_url = base_url_of(sock)
-
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        handled: list[signal.Signals] = []
-        if threading.current_thread() is threading.main_thread():
-            for signal_number in (signal.SIGTERM, signal.SIGINT):
-                with contextlib.suppress(NotImplementedError, RuntimeError):
-                    loop.add_signal_handler(signal_number, stop.set)
-                    handled.append(signal_number)
-        watcher = (
-            asyncio.create_task(_wait_for_thread_event(stop_event, stop)) if stop_event else None
-        )
-
-        def on_ready() -> None:
-            logger.info("fake Segment listening on %s", base_url)
-            if announce:
-                print(f"fake-segment listening on {base_url}", flush=True)
-            if ready_callback is not None:
-                ready_callback(base_url)
-
-        try:
-            await run_server(state, sock, stop, on_ready)
-        finally:
-            if watcher is not None:
-                watcher.cancel()
-                await asyncio.gather(watcher, return_exceptions=True)
-            for signal_number in handled:
-                loop.remove_signal_handler(signal_number)
-
+def run_from_cli(args: argparse.Namespace) -> int:
+    """`aircall-relay fake-segment`: serve until SIGTERM or SIGINT, then exit 0 (1 when the
+    address cannot be bound). Prints `fake-segment listening on http://HOST:PORT` when ready."""
+    options = FakeSegmentOptions(
+        write_keys={key: SourceConfig() for key in args.write_keys},
+        chaos=chaos_table(args.chaos),
+        seed=args.seed,
+        keep_request_bodies=args.keep_request_bodies,
+    )
+    fake = FakeSegment(options, host=args.host, port=args.port)
     try:
-        asyncio.run(main())
-    finally:
-        sock.close()
+        fake.start()
+    except OSError as error:
+        print(f"fake-segment: cannot listen on {args.host}:{args.port}: {error}", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signal_number, lambda *_: stop.set())
+    print(f"fake-segment listening on {fake.base_url}", flush=True)
+    while not stop.wait(1.0):
+        pass
+    fake.stop()
+    return 0

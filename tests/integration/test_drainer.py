@@ -28,7 +28,7 @@ from relay.drainer.loop import Drainer, DrainerConfig
 from relay.drainer.sender import SegmentSender
 from relay.segment import MappingOptions
 from relay.testing import ChaosEntry, FakeSegment, Fault, SourceConfig
-from tests.support import OutboxDatabase, call_lifecycle, sample
+from tests.support import OutboxDatabase, call_lifecycle, sample, sample_events
 from tests.support import incoming_event as incoming
 
 pytestmark = pytest.mark.anyio
@@ -667,3 +667,36 @@ async def test_segment_out_of_reach_again_after_it_answered_is_reported_again(
         if entry["event"] in ("segment_unreachable", "segment_reachable")
     )
     assert {row["status"] for row in await relay.rows()} == {"delivered"}
+
+
+# --- the warehouse ------------------------------------------------------------------------------
+
+
+async def test_no_property_lands_on_a_reserved_warehouse_column(
+    sqlite_database: OutboxDatabase, fake: FakeSegment
+) -> None:
+    """Every sample event, and one whose data has keys named like Segment's own columns, through
+    the drainer to the fake, which lists the reserved columns each message's properties would
+    fill with the relay's own list (relay/snakecase.py): none but a user event's `user_id`, which
+    holds the same value as its `userId`."""
+    named_like_columns = sample("contact.updated")
+    named_like_columns["data"].update(
+        {"uuid": "u", "uuid_ts": 1, "loaded_at": 2, "context": {"ip": "x"}, "event": "e"}
+    )
+    bodies = [*(sample(event) for event in sample_events()), named_like_columns]
+    relay = Relay(sqlite_database, fake, FAST)
+    try:
+        async with draining(relay.drainer()):
+            await relay.receive(*bodies)
+            await relay.wait_accepted(len(bodies))
+    finally:
+        await relay.engine.dispose()
+    fake.assert_no_discards()
+    for message in fake.accepted():
+        if message["event"].startswith("user."):
+            assert message["dropped_columns"] == ["user_id"], message["event"]
+            assert str(message["properties"]["user_id"]) == message["userId"]
+        else:
+            assert message["dropped_columns"] == [], message["event"]
+    [renamed] = [message for message in fake.accepted() if "contact_uuid" in message["properties"]]
+    assert {"contact_uuid_ts", "contact_loaded_at", "contact_context"} <= set(renamed["properties"])

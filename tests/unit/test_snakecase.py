@@ -10,6 +10,7 @@ from relay.snakecase import (
     flattened_columns,
     is_reserved_column,
     is_safe_property_name,
+    reserved_columns_in,
     snakecase,
 )
 
@@ -48,6 +49,20 @@ GO_SNAKECASE_CASES = [
     ("userID", "user_id"),
     ("User Id", "user_id"),
     ("é", ""),
+    ("@49L0S145_¬fwHƒ0TSLNVp", "49l0s145_fw_h_0tslnvp"),
+    ("lk0B@bFmjrLQ_Z6YL", "lk0_b_b_fmjr_lq_z6yl"),
+    ("samPLE text", "sam_ple_text"),
+    ("5test", "5test"),
+    ("test5", "test5"),
+    ("THE5r", "the5r"),
+    ("5TEst", "5test"),
+    ("_5TEst", "5test"),
+    ("@%#&5TEst", "5test"),
+    ("edf_6N", "edf_6n"),
+    ("f_pX9", "f_p_x9"),
+    ("p_z9Rg", "p_z9_rg"),
+    ("2FA Enabled", "2fa_enabled"),
+    ("Enabled 2FA", "enabled_2fa"),
 ]
 
 
@@ -139,3 +154,24 @@ def test_a_safe_name_never_reaches_a_reserved_column(key: str, value: object) ->
     if is_safe_property_name(key):
         for column, _path in flattened_columns({key: value}):
             assert not is_reserved_column(column), (key, column)
+
+
+@given(
+    properties=st.dictionaries(
+        st.sampled_from(["id", "user", "User", "context", "uuid", "loaded", "sent", "x", "$"]),
+        st.recursive(
+            st.none() | st.integers(),
+            lambda children: st.dictionaries(
+                st.sampled_from(["id", "at", "ts", "Id", "ip", "y"]), children, max_size=3
+            ),
+            max_leaves=8,
+        ),
+        max_size=4,
+    )
+)
+def test_reserved_columns_in_are_the_reserved_flattened_columns(
+    properties: dict[str, object],
+) -> None:
+    # The fake Segment's check: the same answer as flattening everything, walking less.
+    expected = [column for column, _ in flattened_columns(properties) if is_reserved_column(column)]
+    assert reserved_columns_in(properties) == expected
