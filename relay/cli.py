@@ -31,7 +31,9 @@ from relay.db.inspect import OutboxInspector
 from relay.db.migrate import head_revision, upgrade_to_head
 from relay.db.notify import listener_for
 from relay.db.store import OutboxStore
-from relay.drainer.loop import Drainer, DrainerConfig, DrainSummary, utc_now
+from relay.drainer.config import DrainerConfig
+from relay.drainer.ledger import DrainSummary
+from relay.drainer.loop import Drainer, utc_now
 from relay.drainer.metrics import DrainerMetrics
 from relay.drainer.metrics_server import MetricsServer
 from relay.drainer.retention import RetentionPolicy, run_retention
