@@ -83,23 +83,36 @@ class Ledger:
                 await anyio.sleep(delay)
                 delay = next_write_retry_seconds(delay)
 
-    async def finish(
-        self,
-        record: RequestRecord,
-        delivered: Sequence[int] = (),
-        retry: RetryRows | None = None,
-        dead: Sequence[DeadRows] = (),
-        pause_seconds: float | None = None,
-    ) -> FinishResult:
-        """Record a request and its rows' fate (one transaction), and count what it did."""
-        outcome = await self.retrying(
-            "finish",
-            lambda: self.store.finish(
-                self.owner, record, delivered, retry, dead, pause_seconds=pause_seconds
-            ),
+    async def record_delivered(self, record: RequestRecord) -> FinishResult:
+        """Record a request Segment accepted: its rows delivered."""
+        return await self._record(
+            lambda: self.store.finish(self.owner, record, delivered=record.outbox_ids)
         )
-        if retry is not None:  # look again when they fall due, whatever the poll interval
-            self._wake_after(retry.after.total_seconds())
+
+    async def record_retry(
+        self, record: RequestRecord, retry: RetryRows, pause_seconds: float | None = None
+    ) -> FinishResult:
+        """Record a request whose rows go back to `pending` until `retry.after`, and look again
+        then, whatever the poll interval; with `pause_seconds` (a 429), pause the deployment's
+        sending as long."""
+        outcome = await self._record(
+            lambda: self.store.finish(self.owner, record, retry=retry, pause_seconds=pause_seconds)
+        )
+        self._wake_after(retry.after.total_seconds())
+        return outcome
+
+    async def record_dead(self, record: RequestRecord, reason: str) -> FinishResult:
+        """Record a request whose rows go `dead` with `reason`."""
+        dead = [DeadRows(ids=record.outbox_ids, reason=reason)]
+        return await self._record(lambda: self.store.finish(self.owner, record, dead=dead))
+
+    async def record_split(self, record: RequestRecord) -> None:
+        """Record a request split in halves: the halves' own requests judge its rows."""
+        await self._record(lambda: self.store.finish(self.owner, record))
+
+    async def _record(self, finish: Callable[[], Awaitable[FinishResult]]) -> FinishResult:
+        """Record a request and its rows' fate (one transaction), and count what it did."""
+        outcome = await self.retrying("finish", finish)
         self.summary.delivered += outcome.delivered
         self.summary.late += outcome.late
         self.summary.retried += outcome.retried

@@ -149,13 +149,13 @@ class Drainer:
         self.pacing = Pacing(config.send_limits(), self.ledger, self.metrics, clock)
         base_url = "" if sender is None else sender.base_url
         self.verdicts = Verdicts(
-            config,
-            self.ledger,
-            self.pacing,
-            self.concurrency,
-            self.metrics,
-            random,
-            base_url,
+            config=config,
+            ledger=self.ledger,
+            pacing=self.pacing,
+            concurrency=self.concurrency,
+            metrics=self.metrics,
+            random=random,
+            base_url=base_url,
             resend=self._send,
         )
         self.reachability = Reachability(base_url, clock, config.unreachable_alert_seconds)

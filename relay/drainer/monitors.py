@@ -70,21 +70,14 @@ async def renew_leases_forever(
             log.warning("lease_lost", rows=expected - still, owner=owner)
 
 
+@dataclass
 class CallEndedWatch:
-    def __init__(
-        self,
-        store: DeliveryStore,
-        metrics: DrainerMetrics,
-        clock: Callable[[], datetime],
-        timeout_seconds: float,
-        period_seconds: float,
-    ) -> None:
-        self._store = store
-        self._metrics = metrics
-        self._clock = clock
-        self._timeout_seconds = timeout_seconds
-        self._period_seconds = period_seconds
-        self._reported: set[str] = set()
+    store: DeliveryStore
+    metrics: DrainerMetrics
+    clock: Callable[[], datetime]
+    timeout_seconds: float
+    period_seconds: float
+    _reported: set[str] = field(default_factory=set, init=False)
 
     async def run_forever(self) -> None:
         while True:
@@ -94,21 +87,21 @@ class CallEndedWatch:
                 await self.check()
             except Exception as error:
                 log.warning("call_ended_check_failed", error=f"{type(error).__name__}: {error}")
-            await anyio.sleep(self._period_seconds)
+            await anyio.sleep(self.period_seconds)
 
     async def check(self) -> list[str]:
         """Log each call newly found waiting for `call.ended` past the timeout; set the gauge."""
-        cutoff = self._clock() - timedelta(seconds=self._timeout_seconds)
-        awaiting = await self._store.calls_awaiting_ended(cutoff)
+        cutoff = self.clock() - timedelta(seconds=self.timeout_seconds)
+        awaiting = await self.store.calls_awaiting_ended(cutoff)
         keys = {call.ordering_key for call in awaiting}
-        self._metrics.awaiting_call_ended.set(len(keys))
+        self.metrics.awaiting_call_ended.set(len(keys))
         for call in awaiting:
             if call.ordering_key not in self._reported:
                 log.warning(
                     "call_ended_missing",
                     ordering_key=call.ordering_key,
                     hungup_received_at=call.hungup_received_at.isoformat(),
-                    timeout_s=self._timeout_seconds,
+                    timeout_s=self.timeout_seconds,
                     detail="call.hungup received but no call.ended: a webhook to chase while "
                     "Aircall still retries (up to 12 h)",
                 )
@@ -116,33 +109,33 @@ class CallEndedWatch:
         return sorted(keys)
 
 
+@dataclass
 class Reachability:
     """Once requests have had no answer for `alert_seconds`, says so at error level, once; an
     answer ends the outage (logged), and a later one is reported again. Checked at each failure,
     so with long backoffs the alert comes with the first failure past `alert_seconds`."""
 
-    def __init__(self, base_url: str, clock: Callable[[], datetime], alert_seconds: float) -> None:
-        self._base_url = base_url
-        self._clock = clock
-        self._alert_seconds = alert_seconds
-        self._unanswered_since: datetime | None = None  # since requests get no answer
-        self._reported = False
+    base_url: str
+    clock: Callable[[], datetime]
+    alert_seconds: float
+    _unanswered_since: datetime | None = field(default=None, init=False)  # no answer since
+    _reported: bool = field(default=False, init=False)
 
     def note(self, result: SendResult, started: datetime) -> None:
         if result.status is not None:
             if self._reported:
-                log.info("segment_reachable", segment_base_url=self._base_url)
+                log.info("segment_reachable", segment_base_url=self.base_url)
             self._unanswered_since = None
             self._reported = False
             return
         if self._unanswered_since is None:
             self._unanswered_since = started
-        failing = (self._clock() - self._unanswered_since).total_seconds()
-        if not self._reported and failing >= self._alert_seconds:
+        failing = (self.clock() - self._unanswered_since).total_seconds()
+        if not self._reported and failing >= self.alert_seconds:
             self._reported = True
             log.error(
                 "segment_unreachable",
-                segment_base_url=self._base_url,
+                segment_base_url=self.base_url,
                 since=self._unanswered_since.isoformat(),
                 failing_s=round(failing, 1),
                 error=result.error,
