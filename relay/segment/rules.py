@@ -26,11 +26,11 @@ USER_ID_FROM: Final[Mapping[str, tuple[str, ...]]] = {
     "call": ("user",),  # a call: its agent, `data.user.id`, once the call has one
 }
 # Otherwise (another resource, or no usable id where the rule points) the message carries an
-# `anonymousId` that names the resource: by its id, or, for an event whose `data` has no usable
-# id, by the first MESSAGE_HEX_CHARS hex characters of its messageId. Exactly one of the two keys
-# is sent, never null.
-ANONYMOUS_ID: Final[str] = "aircall-{resource}-{resource_id}"
-ANONYMOUS_ID_WITHOUT_RESOURCE_ID: Final[str] = "aircall-{resource}-{message_hex}"
+# `anonymousId` that names the resource, ANONYMOUS_ID_PREFIX + `<resource>-<id>`: by its id
+# (`aircall-call-1903456789`), or, for an event whose `data` has no usable id, by the first
+# MESSAGE_HEX_CHARS hex characters of its messageId (`aircall-integration-5f0c...`). Exactly one
+# of the two keys is sent, never null.
+ANONYMOUS_ID_PREFIX: Final[str] = "aircall-"
 MESSAGE_HEX_CHARS: Final[int] = 16
 
 # -- renaming (docs/mapping.md §3) -------------------------------------------------------------
@@ -87,12 +87,9 @@ def identity(
             user_id = resource_id_of(holder)
             if user_id is not None:
                 return "userId", user_id
-    if resource_id is not None:
-        return "anonymousId", ANONYMOUS_ID.format(resource=resource, resource_id=resource_id)
-    message_hex = message_id.removeprefix(MESSAGE_ID_PREFIX)[:MESSAGE_HEX_CHARS]
-    return "anonymousId", ANONYMOUS_ID_WITHOUT_RESOURCE_ID.format(
-        resource=resource, message_hex=message_hex
-    )
+    if resource_id is None:
+        resource_id = message_id.removeprefix(MESSAGE_ID_PREFIX)[:MESSAGE_HEX_CHARS]
+    return "anonymousId", f"{ANONYMOUS_ID_PREFIX}{resource}-{resource_id}"
 
 
 def rename_properties(
