@@ -1,8 +1,8 @@
 """What Segment's answer to a request does to its rows, one method per verdict of
 `policy.classify`: the request recorded in `delivery_requests`, its rows delivered, retried,
-dead, or split and sent again, the pauses and the concurrency adjusted, and one `segment_request`
-log line. docs/architecture.md, "What Segment's answers do", has the table. How long a retry
-waits, and when a row is given up, is `policy.py`.
+dead, or split and sent again, the pauses and the concurrency adjusted, and one
+`segment_request` log line. docs/architecture.md, "What each answer from Segment does", has the
+table. How long a retry waits, and when a row is given up, is `policy.py`.
 """
 
 from __future__ import annotations
