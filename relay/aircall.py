@@ -118,11 +118,7 @@ OTHER_EVENTS_RANK: Final[int] = len(CALL_LIFECYCLE)
 # webhooks are such a call; the demo, the benchmarks and the tests replay it.
 SAMPLE_CALL_EVENTS: Final[tuple[str, ...]] = (
     *(event for event in CALL_LIFECYCLE if event in SEGMENT_CATALOGUE_EVENTS),
-    "call.tagged",
-    "call.commented",
-    "call.assigned",
-    "call.untagged",
-    "call.archived",
+    *("call.tagged", "call.commented", "call.assigned", "call.untagged", "call.archived"),
 )
 
 MESSAGE_ID_PREFIX: Final[str] = "aircall-"
