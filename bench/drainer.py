@@ -104,21 +104,8 @@ WEBHOOK_PATH = "/aircall/webhook"
 # ---------------------------------------------------------------------------------------------
 # Workload: realistic life cycles of calls, contacts, users and numbers
 
-# A call's events and their offsets (seconds after call.created), from the samples' timestamps.
-CALL_EVENTS: tuple[str, ...] = (
-    "call.created",
-    "call.ringing_on_agent",
-    "call.agent_declined",
-    "call.answered",
-    "call.transferred",
-    "call.hungup",
-    "call.ended",
-    "call.tagged",
-    "call.commented",
-    "call.assigned",
-    "call.untagged",
-    "call.archived",
-)
+# A call's events (their offsets, seconds after call.created, come from the samples' timestamps).
+CALL_EVENTS: tuple[str, ...] = aircall.SAMPLE_CALL_EVENTS
 VOICEMAIL_EVENT = "call.voicemail_left"  # every fourth call, 20 s after call.ended
 OTHER_LIFECYCLES: dict[str, tuple[str, ...]] = {
     "contact": ("contact.created", "contact.updated", "contact.deleted"),

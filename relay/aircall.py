@@ -113,6 +113,14 @@ CALL_LIFECYCLE: Final[tuple[str, ...]] = (
 _LIFECYCLE_RANK: Final[dict[str, int]] = {event: rank for rank, event in enumerate(CALL_LIFECYCLE)}
 OTHER_EVENTS_RANK: Final[int] = len(CALL_LIFECYCLE)
 
+# The webhooks of one answered call, in the order Aircall sends them: its life cycle's events that
+# the Segment catalogue holds, then what agents do to the call afterwards. The shipped sample
+# webhooks are such a call; the demo, the benchmarks and the tests replay it.
+SAMPLE_CALL_EVENTS: Final[tuple[str, ...]] = (
+    *(event for event in CALL_LIFECYCLE if event in SEGMENT_CATALOGUE_EVENTS),
+    *("call.tagged", "call.commented", "call.assigned", "call.untagged", "call.archived"),
+)
+
 MESSAGE_ID_PREFIX: Final[str] = "aircall-"
 
 # Aircall's timestamp is UNIX seconds. Anything past year 9999 cannot be a real event (a
@@ -389,8 +397,8 @@ def canonical_json_bytes(value: object) -> bytes:
     orjson writes the same bytes as the standard library's canonical encoder for everything
     `parse_body` can return except floats (orjson spells exponents differently) and integers
     beyond 64 bits (orjson refuses them); `parse_body` makes every float a `JsonFloat`, which
-    orjson refuses too. So orjson either writes the canonical bytes, about ten times faster, or
-    raises TypeError, and the standard library writes them. A plain `float` in `value` would be
+    orjson refuses too. So orjson either writes the canonical bytes, faster (docs/performance.md),
+    or raises TypeError, and the standard library writes them. A plain `float` in `value` would be
     spelt orjson's way: other callers use `canonical_json`. (`tests/unit/test_canonical_json.py`
     checks the two agree on generated JSON.)
     """

@@ -33,7 +33,7 @@ from relay.compose import (
 from relay.db import DatabaseError
 from relay.db.engine import describe_url, is_sqlite, sqlite_path
 from relay.db.migrate import upgrade_to_head
-from relay.drainer.loop import DrainSummary
+from relay.drainer.ledger import DrainSummary
 from relay.drainer.metrics import DrainerMetrics
 from relay.logs import configure_logging, get_logger
 from relay.outbox_cli import add_outbox_commands, run_outbox_command

@@ -20,7 +20,8 @@ from relay.db.inspect import OutboxInspector
 from relay.db.migrate import head_revision
 from relay.db.notify import listener_for
 from relay.db.store import OutboxStore
-from relay.drainer.loop import Drainer, DrainerConfig, utc_now
+from relay.drainer.config import DrainerConfig
+from relay.drainer.loop import Drainer, utc_now
 from relay.drainer.metrics import DrainerMetrics
 from relay.drainer.metrics_server import MetricsServer
 from relay.drainer.retention import RetentionPolicy, run_retention

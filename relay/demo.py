@@ -26,30 +26,17 @@ from typing import Any
 import anyio
 import httpx
 
+from relay.aircall import SAMPLE_CALL_EVENTS
 from relay.db.migrate import upgrade_to_head
 from relay.settings import AircallToken, Secret, Settings
 from relay.testing.sample_payloads import sample_payload
 
 DEMO_SETTLE_SECONDS = 2.0
-SAMPLE_EVENTS = (
-    "call.created",
-    "call.ringing_on_agent",
-    "call.agent_declined",
-    "call.answered",
-    "call.transferred",
-    "call.hungup",
-    "call.ended",
-    "call.tagged",
-    "call.commented",
-    "call.assigned",
-    "call.untagged",
-    "call.archived",
-)
 
 
 def sample_call(token: str) -> list[dict[str, Any]]:
     """The sample call's life cycle (shipped in relay/testing/samples), in order."""
-    return [sample_payload(event, token) for event in SAMPLE_EVENTS]
+    return [sample_payload(event, token) for event in SAMPLE_CALL_EVENTS]
 
 
 def run_demo(seed: int | None = None, keep: bool = False) -> int:

@@ -21,7 +21,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from relay.aircall import Envelope, message_id_for
+from relay.aircall import SAMPLE_CALL_EVENTS, Envelope, message_id_for
 from relay.database_url import normalise_database_url
 from relay.db.migrate import upgrade_to_head
 from relay.segment import OutboxEvent
@@ -333,29 +333,13 @@ def running_receiver(settings: Any) -> Iterator[ReceiverThread]:
 # Event streams built from the samples
 
 
-CALL_LIFECYCLE_SAMPLES = (
-    "call.created",
-    "call.ringing_on_agent",
-    "call.agent_declined",
-    "call.answered",
-    "call.transferred",
-    "call.hungup",
-    "call.ended",
-    "call.tagged",
-    "call.commented",
-    "call.assigned",
-    "call.untagged",
-    "call.archived",
-)
-
-
 def call_lifecycle(call_id: int, shift_seconds: int = 0) -> list[dict[str, Any]]:
     """The sample call's twelve events, in life-cycle order, for call `call_id` (token removed).
 
     Their Aircall timestamps are the samples' (strictly increasing), shifted by `shift_seconds`.
     """
     events = []
-    for name in CALL_LIFECYCLE_SAMPLES:
+    for name in SAMPLE_CALL_EVENTS:
         body = sample(name)
         del body["token"]
         body["data"]["id"] = call_id

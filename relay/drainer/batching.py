@@ -1,5 +1,6 @@
-"""Pure batch planning: claimed runs of events (one run per ordering key, in order) packed into
-requests under Segment's limits.
+"""Batches: what one holds (`Prepared`: a claimed row and its message's bytes), and the pure
+planning of claimed runs of events (one run per ordering key, in order) into requests under
+Segment's limits.
 
 A key's run always travels whole in one request, so that no key is ever in two requests at once
 and its events reach Segment in order. A run larger than one request is cut: its head goes now,
@@ -12,7 +13,23 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from relay.db.delivery import ClaimedEvent
+
 Item = TypeVar("Item")
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A claimed row and its message's bytes. Only the bytes are kept (not the message's dict,
+    nor the parsed payload it shares values with): a batch waiting for its answer then holds a
+    few objects per event, not hundreds for the garbage collector to walk."""
+
+    row: ClaimedEvent
+    encoded: bytes
+
+
+def encoded_size(item: Prepared) -> int:
+    return len(item.encoded)
 
 
 @dataclass

@@ -1,5 +1,8 @@
-"""Pure delivery policies: what a Segment answer means, how long to wait before a retry, how long
-a request waits for its turn in the rate limits, and how far to slow down after a 429.
+"""The retry policy, and the drainer's other pure decisions: what a Segment answer means, how long
+to wait before a retry (after a failed delivery, a 429, or a fault of the database), when to give
+a row up, how long a request waits for its turn in the rate limits, and how far to slow down
+after a 429. What the drainer then does with the rows is `verdicts.py`; the settings these take
+are `config.py`.
 
 Nothing here reads a clock or a random source of its own: both come in as arguments, so the
 tests drive time and chance.
@@ -59,6 +62,34 @@ def backoff_seconds(
     exponent = min(max(attempt - 1, 0), 62)  # 2**62 seconds is far past any cap
     ceiling: float = min(cap_seconds, base_seconds * float(2**exponent))
     return ceiling * random()
+
+
+def out_of_attempts(attempt: int, max_attempts: int) -> bool:
+    """Whether failed delivery number `attempt` of a row is its last: the row goes `dead`. Never
+    with `max_attempts` 0 (RELAY_MAX_ATTEMPTS's default: keep trying)."""
+    return bool(max_attempts) and attempt >= max_attempts
+
+
+# A fault of the database (a locked SQLite file, a PostgreSQL restart). A claim that fails is
+# tried again after claim_retry_seconds; a write (a request's record, a release, a take from the
+# budget) after WRITE_RETRY_FIRST_SECONDS, then next_write_retry_seconds, for as long as
+# write_retry_window_seconds allows. Past that window the write fails, and its rows wait for
+# their lease to expire, to be claimed again (re-sends keep their messageId).
+WRITE_RETRY_FIRST_SECONDS = 0.05
+
+
+def claim_retry_seconds(failures: int) -> float:
+    """The wait after `failures` claims in a row failed: 0.2 s, doubling, at most 5 s."""
+    return min(0.1 * 2.0**failures, 5.0)
+
+
+def next_write_retry_seconds(previous: float) -> float:
+    return min(previous * 2, 2.0)
+
+
+def write_retry_window_seconds(lease_seconds: float) -> float:
+    """How long a write is retried: half a lease, at least a second."""
+    return max(lease_seconds / 2, 1.0)
 
 
 def retry_after_seconds(

@@ -21,9 +21,8 @@ from relay import __version__
 if importlib.util.find_spec("sniffio") is None:
     # httpcore asks for sniffio (to tell asyncio from trio) several times per request and takes
     # asyncio when it is missing, but Python does not remember a failed import: each attempt
-    # searched every directory of sys.path again, about a tenth of a millisecond each, a few
-    # percent of the drainer's CPU. Recording the failure gives the same answer (ImportError,
-    # so asyncio) at once, to every later import.
+    # searched every directory of sys.path again (docs/performance.md has its cost). Recording
+    # the failure gives the same answer (ImportError, so asyncio) at once, to every later import.
     sys.modules.setdefault("sniffio", None)  # type: ignore[arg-type]
 
 ANSWER_EXCERPT_CHARS = 500

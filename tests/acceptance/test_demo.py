@@ -8,8 +8,8 @@ import sqlite3
 import subprocess
 from pathlib import Path
 
+from relay.aircall import SAMPLE_CALL_EVENTS
 from tests.acceptance.processes import VENV_BIN, relay_env, run_relay
-from tests.support import CALL_LIFECYCLE_SAMPLES
 
 
 def _new_user_env(tmp_path: Path) -> dict[str, str]:
@@ -37,9 +37,9 @@ def test_demo_delivers_the_shuffled_call_in_order_and_leaves_nothing_behind(
     assert "-> 200 duplicate" in output
     assert "-> 401 unauthorized" in output
     delivered = re.findall(r"^\s+\d+\. (call\.\w+)\s", output, flags=re.MULTILINE)
-    assert delivered == list(CALL_LIFECYCLE_SAMPLES)
+    assert delivered == list(SAMPLE_CALL_EVENTS)
     outbox = re.findall(r"^\s+\d+\s+(call\.\w+)\s+(\w+)\s+(\d+)$", output, flags=re.MULTILINE)
-    assert [event for event, _, _ in outbox] == list(CALL_LIFECYCLE_SAMPLES)
+    assert [event for event, _, _ in outbox] == list(SAMPLE_CALL_EVENTS)
     assert {status for _, status, _ in outbox} == {"delivered"}
     assert sum(int(count) for _, _, count in outbox) == 13  # the duplicate is counted
     assert "--keep" in output

@@ -24,7 +24,8 @@ from relay import aircall
 from relay.db.delivery import DeliveryStore
 from relay.db.engine import create_engine
 from relay.db.store import OutboxStore
-from relay.drainer.loop import Drainer, DrainerConfig
+from relay.drainer.config import DrainerConfig
+from relay.drainer.loop import Drainer
 from relay.drainer.sender import SegmentSender
 from relay.segment import MappingOptions
 from relay.testing import ChaosEntry, FakeSegment, Fault, SourceConfig

@@ -28,7 +28,8 @@ from relay.db.engine import create_engine
 from relay.db.inspect import EventFilter, OutboxInspector
 from relay.db.notify import APPLICATION_NAME, CHANNEL, OutboxListener, connect_arguments
 from relay.db.store import IncomingEvent, OutboxStore
-from relay.drainer.loop import Drainer, DrainerConfig
+from relay.drainer.config import DrainerConfig
+from relay.drainer.loop import Drainer
 from relay.drainer.sender import SegmentSender
 from relay.segment import MappingOptions
 from relay.testing import FakeSegment, Fault, SourceConfig

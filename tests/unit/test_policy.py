@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from relay.db.delivery import SendLimits
-from relay.drainer.loop import DrainerConfig
+from relay.drainer.config import DrainerConfig
 from relay.drainer.policy import (
     Concurrency,
     Verdict,

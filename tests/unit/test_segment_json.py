@@ -1,6 +1,7 @@
-"""The drainer's JSON fast paths (relay/segment.py): the stored payload parsed with orjson and the
-message encoded with orjson must give exactly what the standard library gives, and fall back to
-it wherever orjson would not (integers beyond 64 bits, NaN, lone surrogates, deep nesting).
+"""The drainer's JSON fast paths (relay/segment/encoding.py): the stored payload parsed with
+orjson and the message encoded with orjson must give exactly what the standard library gives,
+and fall back to it wherever orjson would not (integers beyond 64 bits, NaN, lone surrogates,
+deep nesting).
 
 Each fast path is checked against the standard library on generated JSON, and each guard by a
 case that orjson alone gets wrong: these tests fail if a guard is removed.
@@ -26,11 +27,11 @@ from relay.segment import (
     OutboxEvent,
     TrackMessage,
     UnsendableEvent,
-    _encode,
     decode_payload,
     to_track_message,
     validate_message,
 )
+from relay.segment.encoding import encode_message
 from tests.support import SAMPLE_FILES, outbox_event
 
 DEFAULT = MappingOptions()
@@ -175,7 +176,7 @@ def test_what_json_loads_refuses_decode_payload_refuses() -> None:
             decode_payload(text)
 
 
-# _encode ---------------------------------------------------------------------------------------
+# encode_message --------------------------------------------------------------------------------
 
 
 @given(value=no_float_values)
@@ -186,15 +187,15 @@ def test_orjson_writes_the_standard_librarys_bytes(value: Any) -> None:
         expected = json.dumps(message, **STDLIB_COMPACT).encode("utf-8")
     except UnicodeEncodeError:  # pragma: no cover - the strategy makes no surrogates
         return
-    assert _encode(message, fast=True) == expected
-    assert _encode(message, fast=False) == expected
+    assert encode_message(message, fast=True) == expected
+    assert encode_message(message, fast=False) == expected
 
 
 @given(value=json_values)
 @settings(max_examples=600)
 def test_with_floats_the_same_value_and_at_most_a_quarter_shorter(value: Any) -> None:
     message = {"properties": {"value": value}}
-    fast, slow = _encode(message, fast=True), _encode(message, fast=False)
+    fast, slow = encode_message(message, fast=True), encode_message(message, fast=False)
     assert same(json.loads(fast), json.loads(slow))
     assert len(slow) * 4 <= len(fast) * 5  # the bound to_track_message's exact zone relies on
 
@@ -203,13 +204,15 @@ def test_an_integer_beyond_64_bits_is_written_by_the_standard_library() -> None:
     message = {"properties": {"id": 2**64 + 1}}
     with pytest.raises(TypeError):
         orjson.dumps(message)
-    assert _encode(message, fast=True) == b'{"properties":{"id":18446744073709551617}}'
+    assert encode_message(message, fast=True) == b'{"properties":{"id":18446744073709551617}}'
 
 
 def test_a_lone_surrogate_is_written_by_the_standard_library() -> None:
     message = {"event": "call.\ud800"}
     assert (
-        _encode(message, fast=True) == _encode(message, fast=False) == b'{"event":"call.\\ud800"}'
+        encode_message(message, fast=True)
+        == encode_message(message, fast=False)
+        == b'{"event":"call.\\ud800"}'
     )
 
 
@@ -318,7 +321,7 @@ def test_a_message_near_the_limit_is_measured_on_the_standard_librarys_bytes() -
     }
     reference = to_track_message(outbox_event(body), DEFAULT)
     size = len(reference.encoded)
-    fast_size = len(_encode(reference.message, fast=True))
+    fast_size = len(encode_message(reference.message, fast=True))
     assert fast_size < size  # the two encodings differ in size
     options = MappingOptions(max_message_bytes=(size + fast_size) // 2)
     assert_same_mapping(body, options, json.dumps(body))

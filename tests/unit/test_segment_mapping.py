@@ -1,4 +1,4 @@
-"""Aircall event -> Segment track message (relay/segment.py, relay/pii.py): PRODUCT §7."""
+"""Aircall event -> Segment track message (relay/segment/, relay/pii.py): PRODUCT §7."""
 
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ from relay.segment import (
     to_track_message,
     validate_message,
 )
+from relay.segment.rules import RENAMED, RESERVED_ALLOWED
 from relay.snakecase import flattened_columns, is_reserved_column, snakecase
 from tests.support import EXAMPLES, SAMPLE_FILES, outbox_event
 
@@ -251,6 +252,15 @@ def test_reserved_top_level_names_are_prefixed_with_the_resource() -> None:
         "keep_me",
     ]
     assert reserved_collisions(message, "contact") == []
+
+
+def test_each_reserved_column_the_rules_allow_is_where_a_key_is_renamed_to() -> None:
+    """An entry of RESERVED_ALLOWED whose name is not the key's renamed name, or whose column
+    is not reserved, would allow nothing, silently."""
+    assert RESERVED_ALLOWED
+    for (resource, key), name in RESERVED_ALLOWED.items():
+        assert name == RENAMED.format(resource=resource, key=key)
+        assert is_reserved_column(snakecase(name))
 
 
 def test_a_renamed_key_never_overwrites_an_existing_one() -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 import relay
-from relay.drainer.loop import DrainerConfig
+from relay.drainer.config import DrainerConfig
 from relay.drainer.retention import RetentionPolicy
 from relay.settings import DEFAULTS, SPECS, Settings, fed_by, load_settings
 from relay.settings.docs import DOCUMENT, render
