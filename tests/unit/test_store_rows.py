@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sqlalchemy.dialects import sqlite
 
-from relay.db.store import _sqlite_moment
+from relay.db.outbox_insert import sqlite_moment as _sqlite_moment
 from relay.db.tables import outbox
 
 _DIALECT = sqlite.dialect()
