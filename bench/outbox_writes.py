@@ -8,7 +8,7 @@ outcomes, `COMMIT` with `synchronous=FULL`), in this process's one thread, so th
 compared in one run, on the same rows, interleaved round by round:
 
 - `0003, as the receiver writes`: the schema before migration 0004 (a unique index on
-  `message_id` too), written as the receiver does (`OutboxStore`'s `_SqliteBatchWriter`:
+  `message_id` too), written as the receiver does (`OutboxStore` through the SQLite writer:
   `executemany` of the one-row upsert, then one `SELECT ... IN` of the batch's outcomes);
 - `0004, as the receiver writes`: the same before migration 0005 (three more indexes:
   `ix_outbox_ordering_key_occurred_at`, `ix_outbox_status_next_attempt_at` and the whole
@@ -54,15 +54,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from alembic import command  # noqa: E402
-from sqlalchemy.dialects import sqlite as sqlite_dialect  # noqa: E402
 
 from relay import aircall  # noqa: E402
 from relay.db.migrate import alembic_config  # noqa: E402
-from relay.db.store import (  # noqa: E402
-    IncomingEvent,
-    _BatchInsert,
-    _SqliteBatchWriter,
-)
+from relay.db.outbox_insert import IncomingEvent, OutboxInsert  # noqa: E402
+from relay.db.sqlite_writer import SqliteWriter, _Queued  # noqa: E402
 
 DEFAULT_EXAMPLES = ROOT / "relay" / "testing" / "samples"  # the samples the package ships
 
@@ -120,7 +116,7 @@ class CountingConnection:
 
 
 def write_one_insert(
-    connection: CountingConnection, statement: _BatchInsert, rows: list[tuple[Any, ...]]
+    connection: CountingConnection, statement: OutboxInsert, rows: list[tuple[Any, ...]]
 ) -> dict[str, tuple[int, int, str]]:
     """The whole batch in one multi-row upsert, then the outcomes as the receiver reads them."""
     head, rest = statement.sql.split(" VALUES ", 1)
@@ -136,7 +132,7 @@ def write_one_insert(
 
 
 def write_packed_select(
-    connection: CountingConnection, statement: _BatchInsert, rows: list[tuple[Any, ...]]
+    connection: CountingConnection, statement: OutboxInsert, rows: list[tuple[Any, ...]]
 ) -> dict[str, tuple[int, int, str]]:
     """`executemany`, then the outcomes packed in one row by `group_concat`."""
     keys = [row[0] for row in rows]
@@ -158,10 +154,15 @@ def write_packed_select(
 
 
 def write_as_the_receiver_does(
-    writer: _SqliteBatchWriter, statement: _BatchInsert, rows: list[tuple[Any, ...]]
+    writer: SqliteWriter, statement: OutboxInsert, rows: list[tuple[Any, ...]]
 ) -> dict[str, tuple[int, int, str]]:
     """The receiver's SQLite write as it is."""
-    return writer._write(statement, rows, [row[0] for row in rows])
+    # What the writer's thread runs for one batch, run here, in this thread.
+    queued = _Queued(statement.sqlite_work(rows))
+    writer._transaction([queued])
+    if queued.error is not None:
+        raise queued.error
+    return queued.result
 
 
 class Variant:
@@ -170,11 +171,11 @@ class Variant:
         self.path = directory / f"{len(list(directory.iterdir()))}.sqlite3"
         url = f"sqlite+aiosqlite:///{self.path}"
         command.upgrade(alembic_config(url), revision)
-        self.statement = _BatchInsert(sqlite_dialect.dialect())
+        self.statement = OutboxInsert("sqlite")
         self.way = way
         self.connection = self._connect()
         self.counting = CountingConnection(self.connection)
-        self.writer = _SqliteBatchWriter(self._connect)
+        self.writer = SqliteWriter(self._connect)
         self.cpu: list[float] = []
         self.wall: list[float] = []
         self.steps: list[float] = []
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         statement = variants[0].statement  # every variant's is the same
 
         def row(item: IncomingEvent) -> tuple[Any, ...]:
-            return statement.row(item, 1)
+            return statement.row(item, 1, datetime.now(UTC))
 
         print(
             f"pre-filling {len(variants)} outboxes with {args.rows:,} rows each "

@@ -1,7 +1,8 @@
 """Alembic environment: async, on the relay's engine (same SQLite pragmas), batch mode on SQLite.
 
-The URL is `config.attributes["database_url"]` when `aircall-relay migrate` calls us, else the
-relay's settings (RELAY_DATABASE_URL or its default) when a developer runs `alembic` by hand.
+The URL and the timeout (RELAY_DATABASE_TIMEOUT_SECONDS: connecting, the lock's wait) are
+`config.attributes["database_url"]` and `["timeout_seconds"]` when `aircall-relay migrate` calls
+us, else the relay's settings when a developer runs `alembic` by hand.
 """
 
 from __future__ import annotations
@@ -26,6 +27,16 @@ def _database_url() -> str:
     return load_settings().database_url
 
 
+def _timeout_seconds() -> dict[str, float]:
+    """`create_engine`'s timeout: the caller's, or the settings' when run by hand."""
+    timeout = config.attributes.get("timeout_seconds")
+    if timeout is None and not config.attributes.get("database_url"):
+        from relay.settings import load_settings
+
+        timeout = load_settings().database_timeout_seconds
+    return {} if timeout is None else {"timeout_seconds": float(timeout)}
+
+
 def _configure(connection: Connection) -> None:
     context.configure(
         connection=connection,
@@ -48,7 +59,7 @@ async def _run_async() -> None:
     # No statement timeout: a migration may rightly scan or copy a large outbox. Waiting for a
     # lock stays bounded (`lock_timeout`), so a migration that meets a running relay fails
     # rather than stall it.
-    engine = create_engine(_database_url(), statement_timeout_seconds=None)
+    engine = create_engine(_database_url(), statement_timeout_seconds=None, **_timeout_seconds())
     try:
         async with writer(engine).connect() as connection:
             await connection.run_sync(_run)

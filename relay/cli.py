@@ -40,7 +40,8 @@ from relay.outbox_cli import add_outbox_commands, run_outbox_command
 from relay.settings import CONFIG_FILE_ENV, DEFAULTS, Settings, SettingsError, load_settings
 
 # The receiver's modules (Quart, Hypercorn) are imported by the commands that serve it, so that
-# `drain`, `migrate` and `outbox` start without them (about 0.3 s of CPU and 14 MiB less).
+# `drain`, `migrate` and `outbox` start without them (docs/performance.md, "Figures behind the
+# code", has what that saves).
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -89,7 +90,7 @@ def command_migrate(args: argparse.Namespace) -> int:
     path = sqlite_path(settings.database_url) if is_sqlite(settings.database_url) else None
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-    upgrade = upgrade_to_head(settings.database_url)
+    upgrade = upgrade_to_head(settings.database_url, settings.database_timeout_seconds)
     database = _describe_database(settings)
     if not upgrade.applied:
         print(f"already at head ({upgrade.head}), nothing to do (database: {database})")

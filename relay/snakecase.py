@@ -1,8 +1,9 @@
 """How Segment's warehouses name columns: a port of go-snakecase, the reserved column names, and
 the flattening of nested properties into columns.
 
-Pure code. The mapping (relay/segment.py) uses it to rename Aircall fields that a warehouse would
-otherwise silently discard; the tests use it to prove that nothing collides.
+Pure code. The mapping (relay/segment/, its renaming rules in `rules.py`) uses it to rename
+Aircall fields that a warehouse would otherwise silently discard; the tests use it to prove that
+nothing collides.
 """
 
 from __future__ import annotations

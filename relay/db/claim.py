@@ -46,14 +46,27 @@ class ClaimedEvent(NamedTuple):
 FIRST_HEADS_PAGE = 8
 MAX_HEADS_PAGE = 500
 # How often a claim first gives back the rows of expired leases. Finding them reads every row in
-# flight (the lease's expiry is in no index): 600 rows for each claim of a busy drainer, about a
-# twentieth of its CPU when it claimed many times a second. A lease lasts a minute; a row whose
-# drainer died waits at most this much longer for it.
+# flight (the lease's expiry is in no index), so a busy drainer does it at most this often, not
+# at each claim (docs/performance.md, "Figures behind the code", has its cost). A row whose
+# drainer died waits at most this much longer than its lease for it.
 RELEASE_EXPIRED_EVERY = timedelta(seconds=1)
 
 # A guard for whoever edits one and not the other:
 if tuple(column.name for column in CLAIM_COLUMNS) != ClaimedEvent._fields:  # pragma: no cover
     raise RuntimeError("CLAIM_COLUMNS must list ClaimedEvent's fields, in order")
+
+
+class ClaimOrder(NamedTuple):
+    """What one claim asks for (`DeliveryStore.claim` says what each means)."""
+
+    owner: str
+    # The caller's clock: SQLite's moments, and the pace of the look for expired leases.
+    now: datetime
+    settle: timedelta
+    lease: timedelta
+    # How many rows in all, and in one key's run.
+    max_events: int
+    max_per_key: int
 
 
 class ClaimPlanner:
@@ -64,18 +77,9 @@ class ClaimPlanner:
         self._statements = statements
         self._released_expired_at: datetime | None = None
 
-    def claim(
-        self,
-        connection: sa.Connection,
-        *,
-        owner: str,
-        now: datetime,
-        settle: timedelta,
-        lease: timedelta,
-        max_events: int,
-        max_per_key: int,
-    ) -> list[ClaimedEvent]:
+    def claim(self, order: ClaimOrder, connection: sa.Connection) -> list[ClaimedEvent]:
         """See `DeliveryStore.claim`; run inside its write transaction."""
+        owner, now, settle, lease, max_events, max_per_key = order
         statements = self._statements
         # Every moment: `_Clock` takes the ones it needs (durations on PostgreSQL).
         moments = {"now": now, "settled_before": now - settle, "settle": settle}

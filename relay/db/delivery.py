@@ -20,11 +20,11 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from relay.db.claim import RELEASE_EXPIRED_EVERY, ClaimedEvent, ClaimPlanner
+from relay.db.claim import RELEASE_EXPIRED_EVERY, ClaimedEvent, ClaimOrder, ClaimPlanner
 from relay.db.delivery_sql import Statements
 from relay.db.engine import not_abandoned, writer
 from relay.db.notify import notify_statement
-from relay.db.send_budget import BudgetStatements
+from relay.db.send_budget import BudgetStatements, SendLimits, TakenBudget
 from relay.db.sqlite_writer import SqliteWriter
 from relay.db.tables import awaiting_call_ended, outbox, utc_datetime
 
@@ -92,28 +92,6 @@ class FinishResult:
     retried: int
     dead: int
     lost_lease: int
-
-
-@dataclass(frozen=True, slots=True)
-class SendLimits:
-    """The limits toward Segment as one drainer is configured: events and requests per second
-    (0: no limit), and the most of each the deployment's bucket holds (its burst)."""
-
-    events_per_second: float
-    requests_per_second: float
-    events_burst: float
-    requests_burst: float
-
-
-@dataclass(frozen=True, slots=True)
-class TakenBudget:
-    """The deployment's budget once a request's share is taken: the events and requests left
-    (negative: promised ahead to requests that wait their turn), counted from the end of a 429's
-    pause when one lasts `paused_seconds` longer."""
-
-    events_available: float
-    requests_available: float
-    paused_seconds: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,17 +170,8 @@ class DeliveryStore:
         to fill `max_events`; the runs behind them are planned from a few light columns, and
         only the rows claimed are read whole (payload included), by the claiming UPDATE itself.
         """
-        return await self._write(
-            functools.partial(
-                self._planner.claim,
-                owner=owner,
-                now=now,
-                settle=settle,
-                lease=lease,
-                max_events=max_events,
-                max_per_key=max_per_key,
-            )
-        )
+        order = ClaimOrder(owner, now, settle, lease, max_events, max_per_key)
+        return await self._write(functools.partial(self._planner.claim, order))
 
     # -- while in flight ---------------------------------------------------------------------
 
@@ -402,9 +371,9 @@ class DeliveryStore:
     async def calls_awaiting_ended(self, received_before: datetime) -> list[AwaitingCallEnded]:
         """Calls whose `call.hungup` was received before the cut-off and no `call.ended` since."""
         # Each hung-up call looks for its `call.ended` among its own key's rows
-        # (`awaiting_call_ended`). Before migration 0005, SQLite without statistics searched the
-        # event index instead, every `call.ended` row of the outbox for each hung-up call: a
-        # minute of CPU on an outbox of 100,000 rows; that index is gone.
+        # (`awaiting_call_ended`), never every `call.ended` row of the outbox for each hung-up
+        # call, as SQLite without statistics did through the event index that migration 0005
+        # dropped (docs/performance.md has what that cost).
         statement = (
             sa.select(outbox.c.ordering_key, sa.func.min(outbox.c.received_at).label("received_at"))
             .where(awaiting_call_ended(received_before))

@@ -90,9 +90,9 @@ class _ValueList(sa.types.TypeDecorator[list[Any]]):
     `json_each`), an array on PostgreSQL.
 
     An IN list of one parameter per value (SQLAlchemy's "expanding" parameters) costs
-    SQLAlchemy a rendering of the statement and a parameter name per value on every execution:
-    with a claim of 600 rows and a record of 100 (twice), that was about a tenth of the
-    drainer's CPU. One parameter renders nothing, and needs no cutting into chunks either.
+    SQLAlchemy a rendering of the statement and a parameter name per value on every execution
+    (docs/performance.md, "Figures behind the code", has its cost). One parameter renders
+    nothing, and needs no cutting into chunks either.
     """
 
     impl = sa.types.String()
@@ -195,9 +195,9 @@ class Statements:
         # Two tests, each an equality on (ordering_key, status), rather than one with an OR of
         # the statuses: without fresh statistics (a new outbox, a burst, autovacuum off)
         # PostgreSQL planned the OR as a BitmapOr over the whole status index for every
-        # candidate, and a claim behind a blocked backlog of 7,000 rows took 16 s instead of
-        # 0.07 s, holding the locks of its first UPDATE all along (other drainers' records then
-        # failed on lock_timeout, and their rows were sent again).
+        # candidate: a claim behind a blocked backlog took seconds (docs/performance.md,
+        # "Figures behind the code"), holding the locks of its first UPDATE all along (other
+        # drainers' records then failed on lock_timeout, and their rows were sent again).
         in_flight = sa.exists(
             sa.select(one).where(
                 other.c.ordering_key == candidate.c.ordering_key,
@@ -250,10 +250,11 @@ class Statements:
         self.heads = heads
         self.pending_of_keys = pending_of_keys
         # The rows planned are read, then claimed: on SQLite an `UPDATE ... RETURNING` of the
-        # same rows cost about a third more (SQLite keeps what it returns in a temporary table
-        # until the statement ends), and reading first brings their pages into the cache for
-        # the update. The transaction holds the rows (SQLite's write lock; PostgreSQL's row
-        # locks, taken by the planning queries), so what is read is what is claimed.
+        # same rows costs more (SQLite keeps what it returns in a temporary table until the
+        # statement ends; docs/performance.md, "Figures behind the code"), and reading first
+        # brings their pages into the cache for the update. The transaction holds the rows
+        # (SQLite's write lock; PostgreSQL's row locks, taken by the planning queries), so what
+        # is read is what is claimed.
         self.claimed_rows = sa.select(*CLAIM_COLUMNS).where(_in_list(outbox.c.id, "ids", dialect))
         self.claim = (
             sa.update(outbox)

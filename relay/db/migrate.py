@@ -55,8 +55,12 @@ class Upgrade:
     head: str
 
 
-def upgrade_to_head(database_url: str) -> Upgrade:
+def upgrade_to_head(database_url: str, timeout_seconds: float | None = None) -> Upgrade:
+    """Migrate to the head revision; `timeout_seconds` (RELAY_DATABASE_TIMEOUT_SECONDS) bounds
+    connecting and the wait for a lock (None: the engine's own default)."""
     config = alembic_config(database_url)
+    if timeout_seconds is not None:
+        config.attributes["timeout_seconds"] = timeout_seconds
     steps: list[MigrationInfo] = []
 
     def applied(*, step: MigrationInfo, **_: Any) -> None:

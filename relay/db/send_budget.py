@@ -4,12 +4,36 @@ Segment)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from relay.db.tables import rate_limits
+
+
+@dataclass(frozen=True, slots=True)
+class SendLimits:
+    """The limits toward Segment as one drainer is configured: events and requests per second
+    (0: no limit), and the most of each the deployment's bucket holds (its burst)."""
+
+    events_per_second: float
+    requests_per_second: float
+    events_burst: float
+    requests_burst: float
+
+
+@dataclass(frozen=True, slots=True)
+class TakenBudget:
+    """The deployment's budget once a request's share is taken: the events and requests left
+    (negative: promised ahead to requests that wait their turn), counted from the end of a 429's
+    pause when one lasts `paused_seconds` longer."""
+
+    events_available: float
+    requests_available: float
+    paused_seconds: float
+
 
 # The row of `rate_limits` that holds the budget toward Segment.
 SEGMENT_RATE_LIMIT = "segment"

@@ -10,9 +10,9 @@ at once, with no added delay.
 In between, at a steady moderate rate, a commit would often find only one or two requests that
 arrived while the previous one ran, and pay a whole transaction (and its fsync) for each. So
 when a commit has just ended, requests arrived meanwhile, and fewer than `linger_below` wait,
-the writer lingers `linger_seconds` (2 ms) for more to join before it begins. At half the
-saturating rate that halves the commits and cuts the receiver's CPU per webhook by a tenth or
-more, for two milliseconds of latency. It never applies after an idle spell (that webhook is
+the writer lingers `linger_seconds` (2 ms) for more to join before it begins: fewer commits,
+so less CPU per webhook, for that much latency (docs/performance.md has the figures). It never
+applies after an idle spell (that webhook is
 written at once) nor when the queue is already long (the next commit is full anyway).
 
 One row the database refuses must not fail its neighbours. When a batch's transaction fails

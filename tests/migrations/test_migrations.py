@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -47,6 +49,24 @@ def test_migrations_match_the_table_definitions(empty_database_url: str) -> None
     assert {"outbox", "delivery_requests", "alembic_version"} <= _tables(empty_database_url)
     [row] = fetch_all(empty_database_url, "SELECT version_num FROM alembic_version")
     assert row["version_num"] == head_revision()
+
+
+def test_migrate_waits_for_a_lock_as_long_as_the_timeout_setting_says(tmp_path: Path) -> None:
+    """`migrate` takes RELAY_DATABASE_TIMEOUT_SECONDS (here 8 s): a write lock another
+    connection holds for 3 s, longer than the engine's default wait, is waited out."""
+    path = tmp_path / "locked.sqlite3"
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("PRAGMA journal_mode=WAL")
+    holder.execute("BEGIN IMMEDIATE")
+    timer = threading.Timer(3.0, lambda: holder.execute("ROLLBACK"))
+    timer.start()
+    try:
+        upgrade = upgrade_to_head(f"sqlite+aiosqlite:///{path}", timeout_seconds=8.0)
+    finally:
+        timer.join()
+        holder.close()
+    assert upgrade.head == head_revision()
+    assert "outbox" in _tables(f"sqlite+aiosqlite:///{path}")
 
 
 def test_downgrade_to_base_and_up_again(empty_database_url: str) -> None:

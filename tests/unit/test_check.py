@@ -8,8 +8,8 @@ import sqlite3
 from sqlalchemy import exc as sa_exc
 
 from relay.check import schema_problem
-from relay.db.migrate import head_revision, known_revisions
 from relay.db.errors import error_message
+from relay.db.migrate import head_revision, known_revisions
 from relay.db.store import SchemaState
 from relay.logs import REDACTED
 
