@@ -103,14 +103,21 @@ def command_migrate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def command_serve(args: argparse.Namespace) -> int:
-    from relay.receiver.serve import serve_in_process, serve_with_workers, wait_for_signal
-
+def receiver_settings(args: argparse.Namespace) -> Settings:
+    """The settings of a command that takes webhooks (`serve`, `run`), logging set up, checked:
+    the TLS files, the tokens, and the schema at head."""
     settings = build_settings(args)
     setup_logging(settings)
     settings.check_tls()
     settings.require_tokens()
     asyncio.run(require_schema_at_head(settings))
+    return settings
+
+
+def command_serve(args: argparse.Namespace) -> int:
+    from relay.receiver.serve import serve_in_process, serve_with_workers, wait_for_signal
+
+    settings = receiver_settings(args)
     if settings.workers > 1:
         if settings.config_file:  # the workers read their settings from the environment
             os.environ[CONFIG_FILE_ENV] = settings.config_file
@@ -157,11 +164,7 @@ def command_run(args: argparse.Namespace) -> int:
     """Everything in one process, for a laptop: receiver and drainer; one Ctrl-C stops both."""
     from relay.receiver.serve import serve_in_process
 
-    settings = build_settings(args)
-    setup_logging(settings)
-    settings.check_tls()
-    settings.require_tokens()
-    asyncio.run(require_schema_at_head(settings))
+    settings = receiver_settings(args)
     # One scrape for both: the receiver's /metrics renders the drainer's registry too (the
     # drainer's own metrics port is not opened).
     drainer_metrics = DrainerMetrics()

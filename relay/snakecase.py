@@ -104,25 +104,28 @@ def snakecase(text: str) -> str:
     if _is_upper(text[index]) and (
         not has_lower or (has_underscore and not lowercase_since_underscore)
     ):
-        while index < length and (_is_upper(text[index]) or _is_digit(text[index])):
-            output.append(text[index].lower())
-            index += 1
-        while index < length and (_is_lower(text[index]) or _is_digit(text[index])):
-            output.append(text[index])
-            index += 1
+        index = _copy_word(text, index, output)
     while index < length:
         if not _is_alphanumeric(text[index]):
             index += 1
             continue
         if output:
             output.append("_")
-        while index < length and (_is_upper(text[index]) or _is_digit(text[index])):
-            output.append(text[index].lower())
-            index += 1
-        while index < length and (_is_lower(text[index]) or _is_digit(text[index])):
-            output.append(text[index])
-            index += 1
+        index = _copy_word(text, index, output)
     return "".join(output)
+
+
+def _copy_word(text: str, index: int, output: list[str]) -> int:
+    """Append the word at `index` to `output`, as go-snakecase does: its uppercase letters and
+    digits lowered, then its lowercase letters and digits; return the index after it."""
+    length = len(text)
+    while index < length and (_is_upper(text[index]) or _is_digit(text[index])):
+        output.append(text[index].lower())
+        index += 1
+    while index < length and (_is_lower(text[index]) or _is_digit(text[index])):
+        output.append(text[index])
+        index += 1
+    return index
 
 
 def is_reserved_column(column: str) -> bool:

@@ -261,28 +261,20 @@ class DeliveryStore:
         `pause_seconds` (a 429), also pause the deployment's sending for that long from now,
         by the database's clock (it only ever lengthens a pause, and needs the budget's row, which
         exists once a drainer has sent with a limit on)."""
-        return await self._write(
-            functools.partial(
-                self._finish,
-                owner=owner,
-                record=record,
-                delivered=delivered,
-                retry=retry,
-                dead=dead,
-                pause_seconds=pause_seconds,
-            )
+        finish = functools.partial(
+            self._finish, owner, record, delivered, retry, dead, pause_seconds
         )
+        return await self._write(finish)
 
     def _finish(
         self,
-        connection: sa.Connection,
-        *,
         owner: str,
         record: RequestRecord,
         delivered: Sequence[int],
         retry: RetryRows | None,
         dead: Sequence[DeadRows],
         pause_seconds: float | None,
+        connection: sa.Connection,
     ) -> FinishResult:
         statements = self._statements
         if pause_seconds is not None:

@@ -63,7 +63,7 @@ class Settings:
         frozenset(SEGMENT_CATALOGUE_EVENTS),
         parse.forward_events,
         "Aircall events forwarded to Segment, separated by commas. The default is the events of "
-        "Segment's Aircall catalogue (`relay/aircall.py`). Any event name may be listed, "
+        "Segment's Aircall catalogue (`relay/aircall_events.py`). Any event name may be listed, "
         "including newer ones such as `call.comm_assets_generated`; a name Aircall is not known "
         "to send is accepted with a warning at start-up (likely a typo). `*` forwards every "
         "event. An empty value or `null` forwards none. Events not forwarded are still stored, "
