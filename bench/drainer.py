@@ -351,8 +351,7 @@ async def fill(
 ) -> int:
     """Insert the rows as the receiver would, the first `delivered` of them then marked
     delivered (history); returns the id of the last of those (0 for none)."""
-    # 1,000 rows per INSERT: on PostgreSQL a batch is one multi-row INSERT with 17 parameters
-    # a row, and asyncpg takes at most 32,767 parameters per statement.
+    # 1,000 rows per group commit, as the receiver writes them (at most 256 there).
     engine = create_engine(database_url, timeout_seconds=30)
     store = OutboxStore(engine)
     last_history_id = 0

@@ -235,6 +235,20 @@ async def test_a_mixed_group_answers_each_event_in_the_order_given(stores: Store
     assert await stores.store.count_events() == 3
 
 
+async def test_a_group_past_the_drivers_parameter_limit_is_one_write_in_order(
+    stores: Stores,
+) -> None:
+    """2,000 events in one group: on PostgreSQL one `INSERT ... SELECT FROM unnest` of 17
+    arrays (a multi-row `VALUES` would need 34,000 parameters, past asyncpg's 32,767); receipt
+    ids follow the group's order on both databases."""
+    events = [incoming(call_event("call.tagged", 5_100_000_000 + n)) for n in range(2000)]
+    results = await stores.store.insert_events(events)
+    ids = [result.id for result in results]
+    assert ids == sorted(ids) and len(set(ids)) == 2000
+    assert not any(result.duplicate for result in results)
+    assert await stores.store.count_events() == 2000
+
+
 async def test_receipt_ids_increase_from_one_group_to_the_next(stores: Stores) -> None:
     ids = []
     for number in range(5):
