@@ -142,9 +142,11 @@ async def test_a_lock_held_past_the_busy_timeout_fails_the_work_and_replaces_the
     assert stored(path) == ["a", "c"]
 
 
-async def test_a_bad_row_fails_only_its_own_work_of_a_shared_transaction(
-    writer: SqliteWriter, path: Path
-) -> None:
+async def behind_a_transaction(
+    writer: SqliteWriter, works: list[tuple[str, Callable[[sa.Connection], Any]]]
+) -> dict[str, Any]:
+    """Queue `works`, in order, while a first transaction (writing "first") runs, so that they
+    share the next one; each one's result, or the error it got."""
     started, release = threading.Event(), threading.Event()
     outcomes: dict[str, Any] = {}
 
@@ -157,42 +159,37 @@ async def test_a_bad_row_fails_only_its_own_work_of_a_shared_transaction(
     async with anyio.create_task_group() as group:
         group.start_soon(run, "first", blocking(started, release))
         await anyio.to_thread.run_sync(started.wait, 10)
-        for value in ("b", "bad", "d"):
-            group.start_soon(run, value, insert(value))
-        await anyio.sleep(0.05)
+        for name, work in works:
+            group.start_soon(run, name, work)
+            await anyio.sleep(0.02)
         release.set()
+    return outcomes
+
+
+async def test_a_bad_row_fails_only_its_own_work_of_a_shared_transaction(
+    writer: SqliteWriter, path: Path
+) -> None:
+    outcomes = await behind_a_transaction(
+        writer, [(value, insert(value)) for value in ("b", "bad", "d")]
+    )
     assert isinstance(outcomes["bad"], IntegrityError)
     assert row_specific_error(outcomes["bad"])
+    assert (outcomes["b"], outcomes["d"]) == (2, 3)
     assert stored(path) == ["first", "b", "d"]
-    assert outcomes["b"] != outcomes["d"]
+    assert writer.transactions == 3  # "first", then "b" and "d" each alone
     assert writer.connections_opened == 1  # an error of a row keeps the connection
 
 
 async def test_the_work_by_work_pass_stops_at_an_error_of_the_database(
     writer: SqliteWriter, path: Path
 ) -> None:
-    started, release = threading.Event(), threading.Event()
-    outcomes: dict[str, Any] = {}
-
     def missing_table(connection: sa.Connection) -> None:
         connection.execute(sa.text("INSERT INTO missing (v) VALUES (1)"))
 
-    async def run(name: str, work: Callable[[sa.Connection], Any]) -> None:
-        try:
-            outcomes[name] = await writer.run(work)
-        except Exception as error:
-            outcomes[name] = error
-
-    async with anyio.create_task_group() as group:
-        group.start_soon(run, "first", blocking(started, release))
-        await anyio.to_thread.run_sync(started.wait, 10)
-        group.start_soon(run, "bad", insert("bad"))
-        await anyio.sleep(0.02)
-        group.start_soon(run, "missing", missing_table)
-        await anyio.sleep(0.02)
-        group.start_soon(run, "after", insert("after"))
-        await anyio.sleep(0.05)
-        release.set()
+    outcomes = await behind_a_transaction(
+        writer,
+        [("bad", insert("bad")), ("missing", missing_table), ("after", insert("after"))],
+    )
     assert isinstance(outcomes["bad"], IntegrityError)
     assert isinstance(outcomes["missing"], OperationalError)
     assert outcomes["after"] is outcomes["missing"]  # not attempted: it would fail alike
