@@ -4,8 +4,8 @@ SQLite: WAL mode (the receiver and the drainer share the file), `synchronous=FUL
 that got its 200 survives a power cut), a busy timeout, and transactions that we begin ourselves
 so that writers can take the write lock up front (`BEGIN IMMEDIATE`) instead of failing on a lock
 upgrade. The receiver's batch writes and the drainer's write transactions each go through a
-plain `sqlite3` connection of their own (`sqlite_writer_connector`), set up exactly like the
-engine's. PostgreSQL: asyncpg with connect, pool and lock timeouts, and a pre-ping so that a
+writer of their own (`relay/db/sqlite_writer.py`) on a plain `sqlite3` connection
+(`sqlite_writer_connector`), set up exactly like the engine's. PostgreSQL: asyncpg with connect, pool and lock timeouts, and a pre-ping so that a
 restarted server is reconnected to.
 
 SQLite connections do not outlive a failure. SQLite shares one mapping of the database's `-shm`
