@@ -27,7 +27,8 @@ from relay.aircall_events import (
     skip_reason,
 )
 
-# The catalogue is `relay/aircall_events.py`; importers take it from here, with the rest.
+# Re-exported: the catalogue lives in `relay/aircall_events.py`, and importers take it from here
+# with the envelope and identity (the names defined below are public too).
 __all__ = [
     "CALL_LIFECYCLE",
     "KNOWN_EVENTS",

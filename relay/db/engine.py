@@ -5,8 +5,8 @@ that got its 200 survives a power cut), a busy timeout, and transactions that we
 so that writers can take the write lock up front (`BEGIN IMMEDIATE`) instead of failing on a lock
 upgrade. The receiver's batch writes and the drainer's write transactions each go through a
 writer of their own (`relay/db/sqlite_writer.py`) on a plain `sqlite3` connection
-(`sqlite_writer_connector`), set up exactly like the engine's. PostgreSQL: asyncpg with connect, pool and lock timeouts, and a pre-ping so that a
-restarted server is reconnected to.
+(`sqlite_writer_connector`), set up exactly like the engine's. PostgreSQL: asyncpg with
+connect, pool and lock timeouts, and a pre-ping so that a restarted server is reconnected to.
 
 SQLite connections do not outlive a failure. SQLite shares one mapping of the database's `-shm`
 file among all the connections of a process to that file, for as long as one of them is open.
