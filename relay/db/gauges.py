@@ -5,12 +5,18 @@ delivered and the dead rows (`ix_outbox_status_id`), and the calls whose `call.h
 than the timeout with no `call.ended` (`ix_outbox_call_hungup_received_at`, then
 `ix_outbox_ordering_key_status` per call). Delivered and skipped rows, the bulk of a long-lived
 outbox, are never counted.
+
+On SQLite, the space of the filesystem that holds the database file too: one `statvfs` call.
+The relay's only gauge of calls awaiting `call.ended` is this one (the drainer logs each such
+call but exports no gauge of its own): docs/operations.md, "Metrics".
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -23,12 +29,35 @@ GAUGE_STATUSES = ("pending", "delivering", "dead")
 
 
 @dataclass(frozen=True, slots=True)
+class FilesystemSpace:
+    """Bytes of the filesystem holding the SQLite file: available to the relay's (unprivileged)
+    user, as `df` and node_exporter's `node_filesystem_avail_bytes` count them, and in all."""
+
+    avail_bytes: int
+    size_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
 class OutboxGauges:
     pending: int
     delivering: int
     dead: int
     oldest_undelivered_received_at: datetime | None  # of pending and delivering rows
     calls_awaiting_call_ended: int
+    # The SQLite file's filesystem; None on PostgreSQL (whose disk is the server's own business).
+    filesystem: FilesystemSpace | None = None
+
+
+def sqlite_filesystem_space(engine: AsyncEngine) -> FilesystemSpace | None:
+    """The space of the filesystem holding `engine`'s SQLite file; None for another database
+    or an in-memory one."""
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+        return None
+    space = os.statvfs(Path(database).absolute().parent)
+    return FilesystemSpace(
+        avail_bytes=space.f_bavail * space.f_frsize, size_bytes=space.f_blocks * space.f_frsize
+    )
 
 
 def count_calls_awaiting_call_ended(received_before: datetime) -> sa.Select[Any]:
@@ -58,4 +87,5 @@ async def read_outbox_gauges(engine: AsyncEngine, awaiting_before: datetime) -> 
         dead=int(row.dead),
         oldest_undelivered_received_at=None if row.oldest is None else utc_datetime(row.oldest),
         calls_awaiting_call_ended=int(calls or 0),
+        filesystem=sqlite_filesystem_space(engine),
     )

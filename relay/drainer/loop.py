@@ -161,7 +161,6 @@ class Drainer:
         self.reachability = Reachability(base_url, clock, config.unreachable_alert_seconds)
         self.call_ended = CallEndedWatch(
             store,
-            self.metrics,
             clock,
             config.call_ended_timeout_seconds,
             config.call_ended_check_seconds,

@@ -1,4 +1,9 @@
-"""The drainer's Prometheus metrics, in a registry of its own."""
+"""The drainer's Prometheus metrics, in a registry of its own.
+
+The outbox's state (rows by status, the oldest pending age, calls awaiting `call.ended`) is the
+receiver's to export: it reads it from the database at each scrape (`relay/db/gauges.py`), the
+same whichever process asks, so the drainer exports none of it.
+"""
 
 from __future__ import annotations
 
@@ -52,11 +57,6 @@ class DrainerMetrics:
             "relay_delivery_paused",
             "1 while delivery is paused, by reason (no_write_key, configuration, rate_limited).",
             ["reason"],
-            registry=registry,
-        )
-        self.awaiting_call_ended = Gauge(
-            "relay_calls_awaiting_call_ended",
-            "Calls whose call.hungup is older than the timeout with no call.ended received.",
             registry=registry,
         )
         self.in_flight = Gauge(

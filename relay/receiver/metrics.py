@@ -69,13 +69,23 @@ class OutboxCollector(Collector):
             "relay_outbox_oldest_pending_age_seconds",
             "Age (since receipt) of the oldest pending or delivering row; 0 when none.",
         )
+        # The relay's one gauge of these calls (the drainer logs each, and exports none).
         awaiting = GaugeMetricFamily(
             "relay_outbox_calls_awaiting_call_ended",
             "Calls whose call.hungup is older than RELAY_CALL_ENDED_TIMEOUT_SECONDS with no "
             "call.ended received, read from the database.",
         )
+        avail = GaugeMetricFamily(
+            "relay_outbox_filesystem_avail_bytes",
+            "SQLite only: bytes available to the relay's user on the filesystem that holds "
+            "the database file.",
+        )
+        size = GaugeMetricFamily(
+            "relay_outbox_filesystem_size_bytes",
+            "SQLite only: size in bytes of the filesystem that holds the database file.",
+        )
         if read_at is None:  # describe(): the names only
-            return [up, rows, oldest, awaiting]
+            return [up, rows, oldest, awaiting, avail, size]
         up.add_metric([], 0.0 if gauges is None else 1.0)
         if gauges is None:
             return [up]
@@ -86,7 +96,11 @@ class OutboxCollector(Collector):
             [], 0.0 if received is None else max(0.0, (read_at - received).total_seconds())
         )
         awaiting.add_metric([], float(gauges.calls_awaiting_call_ended))
-        return [up, rows, oldest, awaiting]
+        if gauges.filesystem is None:  # PostgreSQL: no file of the relay's to watch
+            return [up, rows, oldest, awaiting]
+        avail.add_metric([], float(gauges.filesystem.avail_bytes))
+        size.add_metric([], float(gauges.filesystem.size_bytes))
+        return [up, rows, oldest, awaiting, avail, size]
 
 
 class ReceiverMetrics:
