@@ -10,6 +10,11 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+# What the drainer waits on before a request (`relay_rate_limit_wait_seconds_total{cause}`): a
+# 429's Retry-After (its own, or another drainer's through the shared budget), or its turn in the
+# token buckets.
+RATE_LIMIT_WAIT_CAUSES = ("retry_after", "token_bucket")
+
 
 class DrainerMetrics:
     def __init__(self) -> None:
@@ -50,6 +55,10 @@ class DrainerMetrics:
             ["cause"],
             registry=registry,
         )
+        # Exported at 0 from the start, so that the dashboard's panel shows data before the first
+        # wait and `rate()` counts that first wait (a series born at its first value hides it).
+        for cause in RATE_LIMIT_WAIT_CAUSES:
+            self.rate_limit_wait.labels(cause=cause)
         self.rate_limited = Counter(
             "relay_segment_rate_limited", "429 answers from Segment.", registry=registry
         )
