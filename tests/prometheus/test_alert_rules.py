@@ -7,8 +7,10 @@ a real Prometheus against a live receiver and drainer."""
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from tests.prometheus.support import (
@@ -82,3 +84,15 @@ def test_every_rule_says_what_is_wrong_and_what_to_run() -> None:
         assert "`aircall-relay " in description or "SELECT " in description, rule["alert"]
         assert "{{" not in description, rule["alert"]
         assert rule["labels"]["severity"] in {"critical", "warning"}, rule["alert"]
+
+
+def test_without_promtool_the_tests_skip_here_and_fail_in_ci(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # a folder with no program in it
+    monkeypatch.delenv("RELAY_TEST_REQUIRE_PROMETHEUS", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="`promtool` is not installed"):
+        prometheus_tool("promtool")
+    monkeypatch.setenv("RELAY_TEST_REQUIRE_PROMETHEUS", "1")  # as .ci/run sets it
+    with pytest.raises(pytest.fail.Exception, match="RELAY_TEST_REQUIRE_PROMETHEUS=1"):
+        prometheus_tool("prometheus")
