@@ -6,6 +6,7 @@ a real Prometheus against a live receiver and drainer."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from tests.prometheus.support import (
     relay_exports,
     rule_expressions,
 )
+from tests.support import ROOT
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
@@ -96,3 +98,15 @@ def test_without_promtool_the_tests_skip_here_and_fail_in_ci(
     monkeypatch.setenv("RELAY_TEST_REQUIRE_PROMETHEUS", "1")  # as .ci/run sets it
     with pytest.raises(pytest.fail.Exception, match="RELAY_TEST_REQUIRE_PROMETHEUS=1"):
         prometheus_tool("prometheus")
+
+
+def test_the_documented_scrape_jobs_are_those_the_rules_select() -> None:
+    """AircallRelayTargetDown selects the job names of operations.md's scrape configuration."""
+    document = (ROOT / "docs" / "operations.md").read_text()
+    blocks = [yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", document, re.S)]
+    (scrape,) = [block for block in blocks if isinstance(block, dict) and "scrape_configs" in block]
+    jobs = {config["job_name"] for config in scrape["scrape_configs"]}
+    assert jobs == {"aircall-relay-receiver", "aircall-relay-drainer"}
+    selector = re.search(r'up\{job=~"([^"]+)"\}', rule_expressions()["AircallRelayTargetDown"])
+    assert selector is not None
+    assert {job for job in jobs if re.fullmatch(selector.group(1), job)} == jobs
