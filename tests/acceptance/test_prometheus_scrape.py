@@ -8,7 +8,7 @@ shipped. The fake Segment (a thread of this process) answers one 429, delivers, 
 to everything. Then every expression of the dashboard and of the rules must parse and return
 data, every metric they name must have been scraped from the relay, and the rules must be in the
 state the scenario puts them in: Segment failing pending, dead rows and calls awaiting
-`call.ended` firing, the others inactive. Some 15 to 25 seconds of scraping.
+`call.ended` firing, the others inactive. About 15 seconds of scraping.
 """
 
 from __future__ import annotations
