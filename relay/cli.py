@@ -1,9 +1,11 @@
 """The `aircall-relay` command: its parser, its commands and their exit codes. What the commands
 run is built by the composition root (relay/compose.py).
 
-Exit codes: 0 success; 1 a runtime failure (database unreachable, migration failed); 2 a usage
-or configuration error (the message names the setting); 3 the schema is not at the head this
-version expects (`check`, and `serve`, `drain`, `run` at start: `relay.check`).
+Exit codes: 0 success; 1 a runtime failure (database unreachable, migration failed, Aircall's
+API failing); 2 a usage or configuration error (the message names the setting; Aircall refusing
+the API credentials); 3 the schema is not at the head this version expects (`check`, and `serve`,
+`drain`, `run` at start: `relay.check`), or a label without an active Aircall webhook (`aircall
+webhooks`).
 """
 
 from __future__ import annotations
