@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import argparse
 import base64
-import copy
+import bisect
 import hmac
 import json
 import math
@@ -42,6 +42,8 @@ from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Final, Self
 from urllib.parse import parse_qsl, urlencode, urlsplit
+
+import orjson
 
 from relay.aircall import KNOWN_EVENTS
 from relay.testing.sample_payloads import sample_payload
@@ -57,12 +59,13 @@ def sample_calls(
 ) -> list[dict[str, Any]]:
     """`count` call objects like the shipped `call.ended` sample's `data`, each with its own id,
     times (`started_at` = start + i * spacing, the sample's durations) and links."""
-    template = sample_payload("call.ended")["data"]
-    answered = template["answered_at"] - template["started_at"]
-    ended = template["ended_at"] - template["started_at"]
+    template = orjson.dumps(sample_payload("call.ended")["data"])
+    first = orjson.loads(template)
+    answered = first["answered_at"] - first["started_at"]
+    ended = first["ended_at"] - first["started_at"]
     calls = []
     for index in range(count):
-        call = copy.deepcopy(template)
+        call = orjson.loads(template)
         call_id, started = first_id + index, start + index * spacing
         call.update(
             id=call_id,
@@ -96,6 +99,7 @@ class FakeAircallState:
         self.clock = clock
         self._lock = threading.Lock()
         self._calls: dict[int, dict[str, Any]] = {}
+        self._by_start: list[tuple[int, int]] | None = None  # (started_at, id), sorted
         self._webhooks: dict[str, dict[str, Any]] = {}
         self._faults: list[tuple[int, bytes | None]] = []
         self._requests: list[tuple[str, str, int]] = []  # (method, path with query, status)
@@ -106,7 +110,8 @@ class FakeAircallState:
     def add_calls(self, calls: Iterable[dict[str, Any]]) -> None:
         with self._lock:
             for call in calls:
-                self._calls[int(call["id"])] = copy.deepcopy(call)
+                self._calls[int(call["id"])] = _copy(call)
+            self._by_start = None
 
     def add_webhook(
         self,
@@ -129,11 +134,11 @@ class FakeAircallState:
         }
         with self._lock:
             self._webhooks[webhook_id] = webhook
-            return copy.deepcopy(webhook)
+            return _copy(webhook)
 
     def webhooks(self) -> list[dict[str, Any]]:
         with self._lock:
-            return copy.deepcopy(list(self._webhooks.values()))
+            return [_copy(webhook) for webhook in self._webhooks.values()]
 
     def set_webhook_active(self, webhook_id: str, active: bool) -> None:
         """As Aircall does after repeated failed deliveries (or an admin in the Dashboard)."""
@@ -235,15 +240,20 @@ class FakeAircallState:
         return None, headers
 
     def _listed_calls(self, query: dict[str, str]) -> list[dict[str, Any]]:
+        if self._by_start is None:
+            self._by_start = sorted((call["started_at"], key) for key, call in self._calls.items())
         low = int(query.get("from") or 0)
         high = int(query["to"]) if query.get("to") else None
-        chosen = [
-            call
-            for call in self._calls.values()
-            if call["started_at"] >= low and (high is None or call["started_at"] <= high)
-        ]
-        chosen.sort(key=lambda call: (call["started_at"], call["id"]))
-        return chosen[::-1] if query.get("order") == "desc" else chosen
+        first = bisect.bisect_left(self._by_start, (low, -(2**63)))
+        last = (
+            len(self._by_start)
+            if high is None
+            else bisect.bisect_right(self._by_start, (high, 2**63))
+        )
+        keys = self._by_start[first:last]
+        if query.get("order") == "desc":
+            keys = keys[::-1]
+        return [self._calls[key] for _, key in keys]
 
     def _list(
         self, key: str, items: list[dict[str, Any]], query: dict[str, str], path: str
@@ -270,8 +280,13 @@ class FakeAircallState:
         return (200, *_json({key: chunk, "meta": meta}))
 
 
+def _copy(value: dict[str, Any]) -> dict[str, Any]:
+    copied: dict[str, Any] = orjson.loads(orjson.dumps(value))
+    return copied
+
+
 def _json(payload: Any) -> tuple[dict[str, str], bytes]:
-    return {"Content-Type": "application/json; charset=utf-8"}, json.dumps(payload).encode()
+    return {"Content-Type": "application/json; charset=utf-8"}, orjson.dumps(payload)
 
 
 def _error(status: int, error: str, troubleshoot: str) -> tuple[int, dict[str, str], bytes]:
