@@ -246,7 +246,11 @@ class AircallApi:
         }
         where = f"GET /v1/calls (page {page_number}, from {low - 1} to {high})"
         body = await self._request("GET", "/v1/calls", params=params, where=where)
-        return self._page(body, "calls", where, check_call)
+        page = self._page(body, "calls", where, check_call)
+        if page.total is None:
+            # Without it a listing cut at 10,000 items could not be told from a complete one.
+            raise AircallApiError(f"{where}: the answer's meta has no total")
+        return page
 
     async def call(self, call_id: int) -> dict[str, Any]:
         """`GET /v1/calls/{id}`: the call object (with fresh recording URLs)."""

@@ -288,6 +288,7 @@ async def test_no_answer_at_all_is_a_clear_error(clock: ManualClock) -> None:
         (b'{"meta": {"total": 1}}', "no `calls` list"),
         (b'{"calls": []}', "no `meta` object"),
         (b'{"calls": [], "meta": {"total": "many"}}', "meta.total is 'many'"),
+        (b'{"calls": [], "meta": {"count": 0}}', "meta has no total"),
         (b'{"calls": [{"started_at": 1}], "meta": {}}', "a call has no integer id"),
         (b'{"calls": [{"id": 77}], "meta": {}}', "call 77: started_at is missing"),
         (
