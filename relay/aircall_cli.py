@@ -59,12 +59,15 @@ def run_aircall_command(args: argparse.Namespace, settings: Settings) -> int:
             "a label; set it as for the receiver (label:token pairs)"
         )
     api = AircallApi.from_settings(settings)
+    reactivated: list[WebhookState] = []
     try:
-        health, reactivated = anyio.run(_webhooks, api, settings, args.reactivate)
-    except AircallAuthError as error:
-        print(f"aircall-relay: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        health = anyio.run(_webhooks, api, settings, args.reactivate, reactivated)
     except AircallApiError as error:
+        for hook in reactivated:  # done before the failure: said, so that nothing is hidden
+            print(_reactivated_line(hook), file=sys.stderr)
+        if isinstance(error, AircallAuthError):
+            print(f"aircall-relay: {error}", file=sys.stderr)
+            return EXIT_USAGE
         print(f"aircall-relay: Aircall's Public API failed: {error}", file=sys.stderr)
         return EXIT_FAILURE
     if args.json:
@@ -75,14 +78,15 @@ def run_aircall_command(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _webhooks(
-    api: AircallApi, settings: Settings, reactivate: bool
-) -> tuple[WebhookHealth, list[WebhookState]]:
+    api: AircallApi, settings: Settings, reactivate: bool, reactivated: list[WebhookState]
+) -> WebhookHealth:
+    """The webhooks by label; with `reactivate`, after turning the relay's inactive ones on
+    (each appended to `reactivated` once Aircall confirmed it)."""
     async with api:
         listed = await api.webhooks()
         health = webhook_health(listed, settings.aircall_tokens, settings.forward_events)
         if not reactivate:
-            return health, []
-        reactivated = []
+            return health
         for state in health.inactive_matched():
             body = {"active": True, "events": list(state.events)}
             answer = await api.update_webhook(state.webhook_id, body)
@@ -94,8 +98,14 @@ async def _webhooks(
                 )
             reactivated.append(state)
             listed = [answer if hook["webhook_id"] == state.webhook_id else hook for hook in listed]
-        after = webhook_health(listed, settings.aircall_tokens, settings.forward_events)
-        return after, reactivated
+        return webhook_health(listed, settings.aircall_tokens, settings.forward_events)
+
+
+def _reactivated_line(hook: WebhookState) -> str:
+    return (
+        f"reactivated webhook {hook.webhook_id} (label {hook.label}, {hook.url}), its "
+        f"{len(hook.events)} events kept as they were"
+    )
 
 
 def _as_json(health: WebhookHealth, reactivated: list[WebhookState]) -> dict[str, Any]:
@@ -136,11 +146,7 @@ def _print_text(health: WebhookHealth, reactivated: list[WebhookState], out: Tex
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
         print("  ".join([*cells, row[4]]).rstrip(), file=out)
     for hook in reactivated:
-        print(
-            f"reactivated webhook {hook.webhook_id} (label {hook.label}, {hook.url}), its "
-            f"{len(hook.events)} events kept as they were",
-            file=out,
-        )
+        print(_reactivated_line(hook), file=out)
     by_label = health.active_by_label()
     missing_labels = [label for label, active in by_label.items() if not active]
     if not missing_labels:

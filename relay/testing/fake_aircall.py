@@ -18,7 +18,7 @@
   headers come only once the limit is reached, as observed (S10), unless `limit_headers=
   "always"`.
 - Faults: `fail_next(n, status=500)` answers the next `n` API requests with that status, or
-  `fail_next(n, body=b"...")` with 200 and that body.
+  `fail_next(n, body=b"...")` with 200 and that body; `after=k` lets `k` requests through first.
 
 The state lives in memory; `FakeAircall` serves it on loopback from background threads (port 0:
 a free one), and `aircall-relay fake-aircall` from the command line. `sample_calls` builds
@@ -101,7 +101,7 @@ class FakeAircallState:
         self._calls: dict[int, dict[str, Any]] = {}
         self._by_start: list[tuple[int, int]] | None = None  # (started_at, id), sorted
         self._webhooks: dict[str, dict[str, Any]] = {}
-        self._faults: list[tuple[int, bytes | None]] = []
+        self._faults: list[tuple[int, bytes | None] | None] = []  # None: answer normally
         self._requests: list[tuple[str, str, int]] = []  # (method, path with query, status)
         self._window: tuple[float, int] | None = None  # (start, requests in it)
 
@@ -145,10 +145,14 @@ class FakeAircallState:
         with self._lock:
             self._webhooks[webhook_id]["active"] = active
 
-    def fail_next(self, n: int, status: int = 500, body: bytes | None = None) -> None:
-        """The next `n` API requests answer `status` (or, with `body`, 200 and that body)."""
+    def fail_next(
+        self, n: int, status: int = 500, body: bytes | None = None, *, after: int = 0
+    ) -> None:
+        """The next `n` API requests (after `after` answered normally, and after the faults
+        already queued) answer `status`, or with `body`, 200 and that body."""
         with self._lock:
-            self._faults.extend([(200 if body is not None else status, body)] * n)
+            fault = (200 if body is not None else status, body)
+            self._faults.extend([None] * after + [fault] * n)
 
     def request_count(self) -> int:
         with self._lock:
@@ -184,8 +188,9 @@ class FakeAircallState:
         return status, headers, payload
 
     def _route(self, method: str, target: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
-        if self._faults:
-            status, fault_body = self._faults.pop(0)
+        fault = self._faults.pop(0) if self._faults else None
+        if fault is not None:
+            status, fault_body = fault
             return status, {"Content-Type": "application/json"}, fault_body or b'{"error":"Boom"}'
         parts = urlsplit(target)
         query = dict(parse_qsl(parts.query))

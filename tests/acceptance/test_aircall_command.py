@@ -96,6 +96,19 @@ def test_an_inactive_webhook_exits_3_and_reactivate_keeps_its_events(
     assert again.returncode == 0 and "reactivated" not in again.stdout
 
 
+def test_a_reactivation_that_fails_exits_1_saying_what_was_done(
+    fake: FakeAircall, tmp_path: Path
+) -> None:
+    first = fake.add_webhook(RELAY_URL, MAIN_TOKEN, events=["call.ended"], active=False)
+    fake.add_webhook(RELAY_URL, SECOND_TOKEN, active=False)
+    fake.fail_next(1, body=b"<html>oops</html>", after=2)  # the listing, the first PUT, then this
+    done = run(fake, tmp_path, "--reactivate")
+    assert done.returncode == 1
+    assert f"reactivated webhook {first['webhook_id']} (label main" in done.stderr
+    assert "PUT /v1/webhooks/" in done.stderr and "not JSON" in done.stderr
+    assert [hook["active"] for hook in fake.webhooks()] == [True, False]
+
+
 def test_a_label_no_webhook_carries_exits_3_and_json_says_so(
     fake: FakeAircall, tmp_path: Path
 ) -> None:
