@@ -43,6 +43,11 @@ def add_aircall_commands(commands: Any) -> None:
         "webhooks",
         help="list Aircall's webhooks by RELAY_AIRCALL_TOKENS label: URL, active, forwarded "
         "events not subscribed; exit 3 when a label has no active webhook",
+        description="List the company's webhooks (every page of GET /v1/webhooks), each matched "
+        "to a RELAY_AIRCALL_TOKENS label by its token (never printed): URL, active, and the "
+        "forwarded events it does not subscribe to. Exit 0 when every label has an active "
+        "webhook, 3 when one has none, 2 when a setting is missing or Aircall refuses the "
+        "credentials, 1 when the API fails.",
     )
     webhooks.add_argument("--json", action="store_true", help="print JSON")
     webhooks.add_argument(
