@@ -206,7 +206,10 @@ class AircallApi:
             page_number = 1
             while True:
                 page = await self._calls_page(low, high, page_number)
-                if page_number == 1 and page.total is not None and page.total > LISTING_CAP:
+                # On any page: calls that started in the window while it was listed can take it
+                # past the cap. Its calls listed so far are listed again by the halves, and
+                # skipped as already seen.
+                if page.total is not None and page.total > LISTING_CAP:
                     if high - low <= 1:
                         raise AircallApiError(
                             f"GET /v1/calls: {page.total} calls started within one second "
