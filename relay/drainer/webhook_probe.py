@@ -27,6 +27,8 @@ from relay.settings import AircallToken
 
 log = get_logger("relay.drainer")
 
+PROBE_FAILURE_REASONS = ("credentials", "api", "error")
+
 
 class WebhookSource(Protocol):
     """What the probe asks: `AircallApi.webhooks`."""
@@ -42,6 +44,12 @@ class WebhookProbe:
     metrics: DrainerMetrics
     period_seconds: float
     _states: dict[str, bool] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        # Each reason exported at 0 from the start, so that a rate over it has data and the
+        # first failure is an increase.
+        for reason in PROBE_FAILURE_REASONS:
+            self.metrics.aircall_probe_failures.labels(reason=reason)
 
     async def run_forever(self) -> None:
         while True:

@@ -8,7 +8,9 @@ shipped. The fake Segment (a thread of this process) answers one 429, delivers, 
 to everything. Then every expression of the dashboard and of the rules must parse and return
 data, every metric they name must have been scraped from the relay, and the rules must be in the
 state the scenario puts them in: Segment failing pending, dead rows and calls awaiting
-`call.ended` firing, the others inactive. About 15 seconds of scraping.
+`call.ended` firing, the others inactive. The drainer probes a fake of Aircall's Public API
+where the webhook of one of the two labels is disabled: the webhook-inactive alert goes pending.
+About 15 seconds of scraping.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import pytest
 import yaml
 
 from relay.testing import FakeSegment, Fault, SourceConfig
+from relay.testing.fake_aircall import FakeAircall
 from tests.acceptance.processes import RelayProcess, relay_env, statuses
 from tests.prometheus.support import (
     RULES,
@@ -53,7 +56,10 @@ ACTIVE = {
     "AircallRelaySegmentFailing": "pending",  # 500s for seconds; it fires after 10 minutes
     "AircallRelayDeadRows": "firing",
     "AircallRelayCallEndedMissing": "firing",
+    "AircallRelayWebhookInactive": "pending",  # the label "backup"; it fires after 10 minutes
 }
+API_ID, API_TOKEN = "scrape-api-id", "scrape-api-token-5Rk2"
+BACKUP_TOKEN = "b" * 32
 DISK_RULE = "AircallRelayDiskNearlyFull"
 
 
@@ -162,9 +168,12 @@ def start_prometheus(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], Prom
                 prometheus.process.wait(5)
 
 
-def relay_settings(fake: FakeSegment) -> dict[str, str]:
+def relay_settings(fake: FakeSegment, aircall: FakeAircall) -> dict[str, str]:
     return {
-        "aircall_tokens": f"main:{SAMPLE_TOKEN}",
+        "aircall_tokens": f"main:{SAMPLE_TOKEN},backup:{BACKUP_TOKEN}",
+        "aircall_api_id": API_ID,
+        "aircall_api_token": API_TOKEN,
+        "aircall_api_url": aircall.base_url,
         "forward_events": "call.created,call.answered,call.hungup,call.ended,user.created",
         "segment_write_key": WRITE_KEY,
         "segment_base_url": fake.base_url,
@@ -200,8 +209,13 @@ def metrics_target(process: RelayProcess) -> str:
 def test_a_real_prometheus_scrapes_the_relay_and_runs_the_shipped_rules(
     sqlite_database: OutboxDatabase, start_prometheus: Callable[[dict[str, str]], Prometheus]
 ) -> None:
-    with FakeSegment(write_keys={WRITE_KEY: SourceConfig()}) as fake:
-        env = relay_env(sqlite_database.url, **relay_settings(fake))
+    with (
+        FakeSegment(write_keys={WRITE_KEY: SourceConfig()}) as fake,
+        FakeAircall(api_id=API_ID, api_token=API_TOKEN, requests_per_minute=None) as aircall,
+    ):
+        aircall.add_webhook("https://relay.example.com/aircall/webhook", SAMPLE_TOKEN)
+        aircall.add_webhook("https://relay.example.com/aircall/webhook", BACKUP_TOKEN, active=False)
+        env = relay_env(sqlite_database.url, **relay_settings(fake, aircall))
         receiver = RelayProcess("serve", "--port", "0", env=env)
         drainer = RelayProcess("drain", env=env)
         try:
@@ -301,10 +315,18 @@ def test_a_real_prometheus_scrapes_the_relay_and_runs_the_shipped_rules(
     assert returned == {name for name, state in expected.items() if state != "inactive"}
 
     # The pending alert, as Alertmanager would get it once it fires: its summary filled in.
-    (failing,) = [alert for alert in pending_alerts if alert["state"] == "pending"]
+    pending = {alert["labels"]["alertname"]: alert for alert in pending_alerts}
+    assert {name for name, alert in pending.items() if alert["state"] == "pending"} == {
+        "AircallRelaySegmentFailing",
+        "AircallRelayWebhookInactive",
+    }
+    failing = pending["AircallRelaySegmentFailing"]
     assert failing["labels"]["alertname"] == "AircallRelaySegmentFailing"
     assert failing["labels"]["job"] == DRAINER_JOB
     percentage = failing["annotations"]["summary"].split(" to ")[1].split("%")[0]
     assert 50 < float(percentage) <= 100 and not math.isnan(float(percentage))
+    inactive = pending["AircallRelayWebhookInactive"]
+    assert inactive["labels"]["label"] == "backup", inactive
+    assert "label backup" in inactive["annotations"]["summary"]
     assert len(fake.accepted()) == 5
     print(f"pending {pending_after:.1f} s after the fault; {scraped_for:.1f} s of scraping")
