@@ -235,6 +235,12 @@ def command_fake_segment(args: argparse.Namespace) -> int:
     return run_from_cli(args)
 
 
+def command_fake_aircall(args: argparse.Namespace) -> int:
+    from relay.testing.fake_aircall import run_from_cli
+
+    return run_from_cli(args)
+
+
 def command_check(args: argparse.Namespace) -> int:
     try:
         settings = build_settings(args)
@@ -349,6 +355,49 @@ def build_parser() -> argparse.ArgumentParser:
         "saves memory and time in benchmarks",
     )
     fake.set_defaults(handler=command_fake_segment)
+
+    fake_aircall = commands.add_parser(
+        "fake-aircall",
+        help="a local fake of Aircall's Public API (calls, webhooks, its rate limit), for trials",
+    )
+    fake_aircall.add_argument("--host", default="127.0.0.1", help="address to bind")
+    fake_aircall.add_argument(
+        "--port", type=int, default=0, help="port to bind; 0 (the default) picks a free one"
+    )
+    fake_aircall.add_argument("--api-id", required=True, help="the API id it accepts")
+    fake_aircall.add_argument(
+        "--api-token",
+        required=True,
+        help="the API token it accepts (a made-up one: this is a fake)",
+    )
+    fake_aircall.add_argument(
+        "--requests-per-minute",
+        type=int,
+        default=60,
+        metavar="N",
+        help="answer 429 past N requests a minute, like Aircall (default 60; 0: no limit)",
+    )
+    fake_aircall.add_argument(
+        "--calls",
+        type=int,
+        default=0,
+        metavar="N",
+        help="load N calls built from the call.ended sample, one a minute until now",
+    )
+    fake_aircall.add_argument(
+        "--webhook",
+        dest="webhooks",
+        action="append",
+        default=[],
+        metavar="URL=TOKEN",
+        help="load a webhook to URL whose token is TOKEN, subscribed to every event (repeatable)",
+    )
+    fake_aircall.add_argument(
+        "--inactive",
+        action="store_true",
+        help="load the webhooks inactive, as if Aircall had disabled them",
+    )
+    fake_aircall.set_defaults(handler=command_fake_aircall)
 
     demo = commands.add_parser(
         "demo",
