@@ -3,7 +3,8 @@ run is built by the composition root (relay/compose.py).
 
 Exit codes: 0 success; 1 a runtime failure (database unreachable, migration failed); 2 a usage
 or configuration error (the message names the setting); 3 the schema is not at the head this
-version expects (`check`, and `serve`, `drain`, `run` at start: `relay.check`).
+version expects (`check`, and `serve`, `drain`, `run` at start: `relay.check`); 4 `reconcile`
+found ended calls without their `call.ended` and did not back-fill them (`relay.reconcile`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from relay.drainer.ledger import DrainSummary
 from relay.drainer.metrics import DrainerMetrics
 from relay.logs import configure_logging, get_logger
 from relay.outbox_cli import add_outbox_commands, run_outbox_command
+from relay.reconcile import add_reconcile_command, run_reconcile
 from relay.settings import CONFIG_FILE_ENV, DEFAULTS, Settings, SettingsError, load_settings
 
 # The receiver's modules (Quart, Hypercorn) are imported by the commands that serve it, so that
@@ -241,6 +243,15 @@ def command_fake_aircall(args: argparse.Namespace) -> int:
     return run_from_cli(args)
 
 
+def command_reconcile(args: argparse.Namespace) -> int:
+    settings = build_settings(args)
+    settings.require_aircall_api()  # else exit 2, the message naming the settings
+    # The report is on stdout, the progress and the logs on stderr.
+    configure_logging(settings.log_format, "warning", settings.secrets(), stream=sys.stderr)
+    asyncio.run(require_schema_at_head(settings))
+    return run_reconcile(args, settings)
+
+
 def command_check(args: argparse.Namespace) -> int:
     try:
         settings = build_settings(args)
@@ -413,6 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_outbox_commands(commands)
     commands.choices["outbox"].set_defaults(handler=command_outbox)
+
+    add_reconcile_command(commands).set_defaults(handler=command_reconcile)
 
     migrate = commands.add_parser("migrate", help="create or upgrade the outbox schema")
     migrate.set_defaults(handler=command_migrate)
