@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import copy
 import json
+import random
 from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -292,3 +295,57 @@ async def test_exactly_one_call_ended_reaches_segment_when_the_real_one_comes_la
     for row in skipped:
         assert f"outbox row {reconciled[row['ordering_key']]} " in row["last_error"]
         assert "origin reconciled" in row["last_error"]
+
+
+@pytest.mark.postgres
+async def test_several_drainers_and_a_reconcile_at_once_send_one_call_ended_per_call(
+    aircall: FakeAircall, postgres_database: OutboxDatabase, fake: FakeSegment
+) -> None:
+    """The race of point 4 on PostgreSQL: reconcile back-fills while the real call.ended of the
+    same calls arrive, in a random order, and four drainers claim with almost no settle window;
+    whoever wins each call, Segment gets exactly one call.ended of it."""
+    database = postgres_database
+    calls = sample_calls(150, start=START)
+    aircall.add_calls(calls)
+    engine = create_engine(database.url)
+    store = ReconcileStore(engine)
+    bodies = [body for call in calls for body in webhooks_of(call, ("call.hungup", "call.ended"))]
+    random.Random(12).shuffle(bodies)
+    relay = Relay(database, fake, replace(FAST, settle_seconds=0.0, poll_seconds=0.005))
+    try:
+        async with AsyncExitStack() as drainers:
+            for _ in range(4):
+                await drainers.enter_async_context(draining(relay.drainer()))
+
+            async def webhooks() -> None:
+                for start in range(0, len(bodies), 5):
+                    await receive(store, bodies[start : start + 5])
+
+            async def reconciling() -> None:
+                for _ in range(2):
+                    await run(aircall, store, backfill=True)
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(webhooks)
+                group.start_soon(reconciling)
+            with anyio.fail_after(60):
+                while True:
+                    [left] = await database.rows_async(
+                        "SELECT count(*) AS n FROM outbox WHERE status IN ('pending', 'delivering')"
+                    )
+                    if left["n"] == 0:
+                        break
+                    await anyio.sleep(0.05)
+    finally:
+        await relay.engine.dispose()
+        await engine.dispose()
+    ended = [m for m in fake.accepted() if m["event"] == "call.ended"]
+    assert sorted(int(m["properties"]["call_id"]) for m in ended) == [c["id"] for c in calls]
+    fake.assert_no_duplicates()
+    rows = await database.rows_async("SELECT * FROM outbox WHERE event = 'call.ended'")
+    by_status: dict[str, int] = {}
+    for row in rows:
+        by_status[row["status"]] = by_status.get(row["status"], 0) + 1
+    assert by_status.get("delivered") == 150 and set(by_status) <= {"delivered", "skipped"}
+    reconciled = sum(1 for row in rows if row["origin"] == "reconciled")
+    print(f"reconciled rows: {reconciled}, skipped: {by_status.get('skipped', 0)}")
