@@ -21,6 +21,7 @@ from dataclasses import asdict
 import anyio
 
 from relay import __version__
+from relay.aircall_cli import add_aircall_commands, run_aircall_command
 from relay.check import ROLES, NotReady, check, require_schema_at_head, unreadable_settings
 from relay.compose import (
     WORKER_APPLICATION_PATH,
@@ -221,6 +222,13 @@ def command_outbox(args: argparse.Namespace) -> int:
     # The command's output is on stdout (tables, JSON): logs go to stderr.
     configure_logging(settings.log_format, "warning", settings.secrets(), stream=sys.stderr)
     return run_outbox_command(args, settings)
+
+
+def command_aircall(args: argparse.Namespace) -> int:
+    settings = build_settings(args)
+    # The command's output is on stdout (a table, JSON): logs go to stderr.
+    configure_logging(settings.log_format, "warning", settings.secrets(), stream=sys.stderr)
+    return run_aircall_command(args, settings)
 
 
 def command_demo(args: argparse.Namespace) -> int:
@@ -425,6 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_outbox_commands(commands)
     commands.choices["outbox"].set_defaults(handler=command_outbox)
 
+    add_aircall_commands(commands)
+    commands.choices["aircall"].set_defaults(handler=command_aircall)
     add_reconcile_command(commands).set_defaults(handler=command_reconcile)
 
     migrate = commands.add_parser("migrate", help="create or upgrade the outbox schema")

@@ -191,8 +191,10 @@ class AircallApi:
         until: datetime,
         on_page: PageCallback | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
-        """Every call whose `started_at` is in `[since, until)`, oldest first within each part
-        of the window, each once."""
+        """Every call whose `started_at` is in `[since, until)`, oldest first, each once.
+        `on_page(calls so far, total)` after each page (the total as Aircall counts the window,
+        which is one second wider on each side, so a little more than what is listed), and once
+        at the end with the total equal to the calls listed."""
         start, end = _timestamp(since, "since"), _timestamp(until, "until")
         if end <= start:
             return
@@ -229,6 +231,8 @@ class AircallApi:
                 if not page.next_page or not page.items:
                     break
                 page_number += 1
+        if on_page is not None:
+            on_page(len(seen), len(seen))  # done: the total is what was listed
 
     async def _calls_page(self, low: int, high: int, page_number: int) -> _Page:
         # One second wider on each side: Aircall does not say whether `from`/`to` include their
