@@ -27,7 +27,7 @@ from typing import Any, Final
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from relay.aircall import canonical_json, message_id_for, payload_json
 from relay.db.engine import writer
@@ -207,12 +207,14 @@ class ReconcileStore:
     async def last_run(self) -> dict[str, Any] | None:
         """The latest run, as a row of `reconcile_runs`, or None when none was recorded."""
         async with self.engine.connect() as connection:
-            row = (
-                await connection.execute(
-                    sa.select(reconcile_runs).order_by(reconcile_runs.c.id.desc()).limit(1)
-                )
-            ).first()
-        return None if row is None else dict(row._mapping)
+            return await last_run(connection)
+
+
+async def last_run(connection: AsyncConnection) -> dict[str, Any] | None:
+    """The latest row of `reconcile_runs` (its id is the largest), or None."""
+    statement = sa.select(reconcile_runs).order_by(reconcile_runs.c.id.desc()).limit(1)
+    row = (await connection.execute(statement)).first()
+    return None if row is None else dict(row._mapping)
 
 
 def run_values(run: RunRecord) -> dict[str, Any]:

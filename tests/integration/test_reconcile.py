@@ -36,6 +36,7 @@ from relay.reconcile import (
 )
 from relay.testing.fake_aircall import FakeAircall, sample_calls
 from relay.testing import FakeSegment
+from tests.acceptance.processes import relay_env, run_relay
 from tests.integration.test_drainer import FAST, Relay, draining, fake  # noqa: F401
 from tests.support import OutboxDatabase, call_lifecycle, execute_async
 from tests.support import incoming_event as incoming
@@ -148,6 +149,14 @@ async def test_compares_aircalls_calls_with_the_outbox_and_records_the_run(
     } == {"calls_seen": 8, "missing": 2, "awaiting_call_ended": 2, "not_yet_due": 2, "backfilled": 0}
     assert (last["errors"], last["outcome"], last["error"]) == (0, "incomplete", None)
     assert not last["backfill"]
+    # `outbox stats` shows it too.
+    env = relay_env(database.url)
+    stats = json.loads(run_relay("outbox", "stats", "--json", env=env).stdout)
+    assert stats["last_reconcile_run"]["missing"] == 2
+    assert stats["last_reconcile_run"]["outcome"] == "incomplete"
+    human = run_relay("outbox", "stats", env=env).stdout
+    assert "last reconcile:   incomplete, " in human
+    assert "8 calls, 2 missing, 2 awaiting call.ended, 0 back-filled, 0 errors" in human
 
 
 async def test_backfill_stores_one_call_ended_per_call_and_a_second_run_adds_nothing(
