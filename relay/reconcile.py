@@ -344,8 +344,7 @@ def add_reconcile_command(commands: Any) -> argparse.ArgumentParser:
         "--until",
         default=None,
         metavar="WHEN",
-        help="calls started before: a duration before now or an ISO 8601 date-time (default: "
-        "now)",
+        help="calls started before: a duration before now or an ISO 8601 date-time (default: now)",
     )
     command.add_argument(
         "--backfill",

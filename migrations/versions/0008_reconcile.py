@@ -71,13 +71,9 @@ def upgrade() -> None:
             nullable=False,
             comment="ended calls past the grace with rows but no call.ended",
         ),
-        sa.Column(
-            "not_yet_due", sa.Integer(), nullable=False, comment="ongoing or within grace"
-        ),
+        sa.Column("not_yet_due", sa.Integer(), nullable=False, comment="ongoing or within grace"),
         sa.Column("backfilled", sa.Integer(), nullable=False, comment="call.ended rows stored"),
-        sa.Column(
-            "errors", sa.Integer(), nullable=False, comment="calls that could not be judged"
-        ),
+        sa.Column("errors", sa.Integer(), nullable=False, comment="calls that could not be judged"),
         sa.Column("started_at", Timestamp, nullable=False),
         sa.Column("finished_at", Timestamp, nullable=False),
         sa.Column(

@@ -786,7 +786,7 @@ class DeliveryStore:
     async def skip_second_call_ended(
         self, owner: str, ids: Sequence[int], rule: SkipRule
     ) -> dict[int, str]:
-        """Claimed `call.ended` rows whose call has its one already: skipped (relay/db/reconcile.py)."""
+        """Claimed `call.ended` rows whose call has its one: skipped (relay/db/reconcile.py)."""
         return await self._write(
             functools.partial(skip_second_call_ended, owner=owner, ids=ids, rule=rule)
         )

@@ -221,6 +221,16 @@ def run_values(run: RunRecord) -> dict[str, Any]:
     return {name: getattr(run, name) for name in RunRecord.__slots__}
 
 
+def has_call_ended(table: Any, key: Any) -> Any:
+    """SQL: the outbox (or `table`, an alias of it) has a `call.ended` row of the ordering key
+    `key`. `SELECT id` (the rowid, in every index): SQLite answers from the index alone."""
+    return (
+        sa.select(table.c.id)
+        .where(table.c.ordering_key == key, table.c.event == CALL_ENDED)
+        .exists()
+    )
+
+
 def _backfill_statement(dialect: str) -> Any:
     """`INSERT ... SELECT ... WHERE NOT EXISTS (a call.ended of the call) ON CONFLICT DO
     NOTHING RETURNING id`: the condition and the insert are one statement."""
@@ -248,11 +258,7 @@ def _backfill_statement(dialect: str) -> Any:
         "next_attempt_at": moment,
         "origin": sa.literal(ORIGIN_RECONCILED, outbox.c.origin.type),
     }
-    select = sa.select(*values.values()).where(
-        ~sa.exists().where(
-            ended.c.ordering_key == sa.bindparam("ordering_key"), ended.c.event == CALL_ENDED
-        )
-    )
+    select = sa.select(*values.values()).where(~has_call_ended(ended, sa.bindparam("ordering_key")))
     insert = postgresql.insert(outbox) if dialect == "postgresql" else sqlite.insert(outbox)
     return (
         insert.from_select(list(values), select)

@@ -245,9 +245,7 @@ class Concurrency:
             self._successes = 0
 
 
-def second_call_ended(
-    claimed: Sequence[int], rows: Sequence[CallEndedRow]
-) -> dict[int, str]:
+def second_call_ended(claimed: Sequence[int], rows: Sequence[CallEndedRow]) -> dict[int, str]:
     """Which claimed `call.ended` rows to skip, so that exactly one `call.ended` per call reaches
     Segment when the outbox holds two: Aircall's own (origin `webhook`) and one back-filled by
     `reconcile --backfill` (origin `reconciled`). `rows` are every `call.ended` row of the

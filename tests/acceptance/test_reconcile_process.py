@@ -127,8 +127,8 @@ def test_fifty_calls_while_the_relay_was_down_reach_segment_once_each(
         expected = 2 * len(FORWARDED) + CALLS * len(FORWARDED)
         segment.wait_for(count=expected, timeout=60)
         wait_until(
-            lambda: not database.rows(
-                "SELECT id FROM outbox WHERE status IN ('pending', 'delivering')"
+            lambda: (
+                not database.rows("SELECT id FROM outbox WHERE status IN ('pending', 'delivering')")
             ),
             "the outbox drained",
             timeout=30,

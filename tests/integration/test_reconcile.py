@@ -34,10 +34,10 @@ from relay.reconcile import (
     Report,
     reconcile,
 )
+from relay.testing import FakeSegment, SourceConfig
 from relay.testing.fake_aircall import FakeAircall, sample_calls
-from relay.testing import FakeSegment
 from tests.acceptance.processes import relay_env, run_relay
-from tests.integration.test_drainer import FAST, Relay, draining, fake  # noqa: F401
+from tests.integration.test_drainer import FAST, WRITE_KEY, Relay, draining
 from tests.support import OutboxDatabase, call_lifecycle, execute_async
 from tests.support import incoming_event as incoming
 
@@ -49,6 +49,12 @@ GRACE = 3600.0
 NOW = datetime.now(UTC).replace(microsecond=0)
 # Calls of the fake: one a minute, the last ended two hours ago (all due).
 START = int(NOW.timestamp()) - 3 * 86400 // 2
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeSegment]:
+    with FakeSegment(write_keys={WRITE_KEY: SourceConfig()}) as server:
+        yield server
 
 
 @pytest.fixture
@@ -146,7 +152,13 @@ async def test_compares_aircalls_calls_with_the_outbox_and_records_the_run(
     assert {
         key: last[key]
         for key in ("calls_seen", "missing", "awaiting_call_ended", "not_yet_due", "backfilled")
-    } == {"calls_seen": 8, "missing": 2, "awaiting_call_ended": 2, "not_yet_due": 2, "backfilled": 0}
+    } == {
+        "calls_seen": 8,
+        "missing": 2,
+        "awaiting_call_ended": 2,
+        "not_yet_due": 2,
+        "backfilled": 0,
+    }
     assert (last["errors"], last["outcome"], last["error"]) == (0, "incomplete", None)
     assert not last["backfill"]
     # `outbox stats` shows it too.
@@ -207,7 +219,7 @@ async def test_backfill_never_touches_a_call_with_a_call_ended_of_any_status(
             await execute_async(
                 database.url,
                 f"UPDATE outbox SET status = '{status}', last_error = 'by hand'{done},"
-                " next_attempt_at = NULL"
+                " next_attempt_at = NULL",
             )
         stored = await store.backfill_call_ended(str(call["id"]), call, call["ended_at"], NOW)
         assert stored is None, status
