@@ -163,3 +163,50 @@ def test_fifty_calls_while_the_relay_was_down_reach_segment_once_each(
         (50, "complete"),
         (0, "complete"),
     ]
+
+
+def test_the_command_s_exit_codes_and_messages(
+    sqlite_database: OutboxDatabase, aircall: FakeAircall
+) -> None:
+    env = relay_env(sqlite_database.url)
+    unset = run_relay("reconcile", env=env)
+    assert unset.returncode == 2
+    assert "RELAY_AIRCALL_API_ID" in unset.stderr and "RELAY_AIRCALL_API_TOKEN" in unset.stderr
+
+    env = relay_env(
+        sqlite_database.url,
+        aircall_api_id=API_ID,
+        aircall_api_token=API_TOKEN,
+        aircall_api_url=aircall.base_url,
+    )
+    fast = ("--requests-per-minute", "0")
+    bad_since = run_relay("reconcile", "--since", "last week", env=env)
+    assert bad_since.returncode == 2 and "--since 'last week'" in bad_since.stderr
+
+    aircall.add_calls(sample_calls(3, start=int(time.time()) - 4 * 3600))
+    found = run_relay("reconcile", *fast, env=env)
+    assert found.returncode == 4, found.stdout + found.stderr
+    assert "missing                          3" in found.stdout
+    assert found.stdout.splitlines()[-1].startswith("INCOMPLETE: 3 ended call(s)")
+
+    aircall.fail_next(30, status=502)
+    failing = run_relay("reconcile", "--backfill", *fast, env=env)
+    assert failing.returncode == 1, failing.stdout + failing.stderr
+    assert "502" in failing.stderr
+    assert sqlite_database.rows("SELECT id FROM outbox") == []
+
+    wrong = relay_env(
+        sqlite_database.url,
+        aircall_api_id=API_ID,
+        aircall_api_token="not-the-token-0123456789",
+        aircall_api_url=aircall.base_url,
+    )
+    refused = run_relay("reconcile", *fast, env=wrong)
+    assert refused.returncode == 2
+    assert "Aircall refused the API credentials" in refused.stderr
+    assert "RELAY_AIRCALL_API_TOKEN" in refused.stderr
+    for done in (found, failing, refused):
+        assert API_TOKEN not in done.stdout + done.stderr
+        assert "not-the-token" not in done.stdout + done.stderr
+    outcomes = sqlite_database.rows("SELECT outcome FROM reconcile_runs ORDER BY id")
+    assert [row["outcome"] for row in outcomes] == ["incomplete", "failed", "failed"]
