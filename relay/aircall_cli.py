@@ -43,6 +43,11 @@ def add_aircall_commands(commands: Any) -> None:
         "webhooks",
         help="list Aircall's webhooks by RELAY_AIRCALL_TOKENS label: URL, active, forwarded "
         "events not subscribed; exit 3 when a label has no active webhook",
+        description="List the company's webhooks (every page of GET /v1/webhooks), each matched "
+        "to a RELAY_AIRCALL_TOKENS label by its token (never printed): URL, active, and the "
+        "forwarded events it does not subscribe to. Exit 0 when every label has an active "
+        "webhook, 3 when one has none, 2 when a setting is missing or Aircall refuses the "
+        "credentials, 1 when the API fails.",
     )
     webhooks.add_argument("--json", action="store_true", help="print JSON")
     webhooks.add_argument(
@@ -59,12 +64,15 @@ def run_aircall_command(args: argparse.Namespace, settings: Settings) -> int:
             "a label; set it as for the receiver (label:token pairs)"
         )
     api = AircallApi.from_settings(settings)
+    reactivated: list[WebhookState] = []
     try:
-        health, reactivated = anyio.run(_webhooks, api, settings, args.reactivate)
-    except AircallAuthError as error:
-        print(f"aircall-relay: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        health = anyio.run(_webhooks, api, settings, args.reactivate, reactivated)
     except AircallApiError as error:
+        for hook in reactivated:  # done before the failure: said, so that nothing is hidden
+            print(_reactivated_line(hook), file=sys.stderr)
+        if isinstance(error, AircallAuthError):
+            print(f"aircall-relay: {error}", file=sys.stderr)
+            return EXIT_USAGE
         print(f"aircall-relay: Aircall's Public API failed: {error}", file=sys.stderr)
         return EXIT_FAILURE
     if args.json:
@@ -75,14 +83,15 @@ def run_aircall_command(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _webhooks(
-    api: AircallApi, settings: Settings, reactivate: bool
-) -> tuple[WebhookHealth, list[WebhookState]]:
+    api: AircallApi, settings: Settings, reactivate: bool, reactivated: list[WebhookState]
+) -> WebhookHealth:
+    """The webhooks by label; with `reactivate`, after turning the relay's inactive ones on
+    (each appended to `reactivated` once Aircall confirmed it)."""
     async with api:
         listed = await api.webhooks()
         health = webhook_health(listed, settings.aircall_tokens, settings.forward_events)
         if not reactivate:
-            return health, []
-        reactivated = []
+            return health
         for state in health.inactive_matched():
             body = {"active": True, "events": list(state.events)}
             answer = await api.update_webhook(state.webhook_id, body)
@@ -94,8 +103,14 @@ async def _webhooks(
                 )
             reactivated.append(state)
             listed = [answer if hook["webhook_id"] == state.webhook_id else hook for hook in listed]
-        after = webhook_health(listed, settings.aircall_tokens, settings.forward_events)
-        return after, reactivated
+        return webhook_health(listed, settings.aircall_tokens, settings.forward_events)
+
+
+def _reactivated_line(hook: WebhookState) -> str:
+    return (
+        f"reactivated webhook {hook.webhook_id} (label {hook.label}, {hook.url}), its "
+        f"{len(hook.events)} events kept as they were"
+    )
 
 
 def _as_json(health: WebhookHealth, reactivated: list[WebhookState]) -> dict[str, Any]:
@@ -136,11 +151,7 @@ def _print_text(health: WebhookHealth, reactivated: list[WebhookState], out: Tex
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
         print("  ".join([*cells, row[4]]).rstrip(), file=out)
     for hook in reactivated:
-        print(
-            f"reactivated webhook {hook.webhook_id} (label {hook.label}, {hook.url}), its "
-            f"{len(hook.events)} events kept as they were",
-            file=out,
-        )
+        print(_reactivated_line(hook), file=out)
     by_label = health.active_by_label()
     missing_labels = [label for label, active in by_label.items() if not active]
     if not missing_labels:

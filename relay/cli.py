@@ -1,10 +1,12 @@
 """The `aircall-relay` command: its parser, its commands and their exit codes. What the commands
 run is built by the composition root (relay/compose.py).
 
-Exit codes: 0 success; 1 a runtime failure (database unreachable, migration failed); 2 a usage
-or configuration error (the message names the setting); 3 the schema is not at the head this
-version expects (`check`, and `serve`, `drain`, `run` at start: `relay.check`); 4 `reconcile`
-found ended calls without their `call.ended` and did not back-fill them (`relay.reconcile`).
+Exit codes: 0 success; 1 a runtime failure (database unreachable, migration failed, Aircall's
+API failing); 2 a usage or configuration error (the message names the setting; Aircall refusing
+the API credentials); 3 the schema is not at the head this version expects (`check`, and `serve`,
+`drain`, `run` at start: `relay.check`), or a label without an active Aircall webhook (`aircall
+webhooks`); 4 `reconcile` found ended calls without their `call.ended` and did not back-fill them
+(`relay.reconcile`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from relay.aircall_cli import add_aircall_commands, run_aircall_command
 from relay.check import ROLES, NotReady, check, require_schema_at_head, unreadable_settings
 from relay.compose import (
     WORKER_APPLICATION_PATH,
+    aircall_probe_task,
     build_drainer,
     build_receiver_app,
     close_drainer,
@@ -137,6 +140,7 @@ def command_drain(args: argparse.Namespace) -> int:
                 group.start_soon(stop_on_signals, stop, group.cancel_scope)
                 if not args.once:
                     group.start_soon(retention_task(settings, drainer))
+                    group.start_soon(aircall_probe_task(settings, drainer))
                 summary = await drainer.run(stop, once=args.once)
                 group.cancel_scope.cancel()
             return summary
@@ -179,6 +183,7 @@ def command_run(args: argparse.Namespace) -> int:
         # which would abandon their database work under way (`relay.db.engine.not_abandoned`).
         drain_scope = anyio.CancelScope()
         retention_scope = anyio.CancelScope()
+        probe_scope = anyio.CancelScope()
 
         async def drain() -> None:
             with drain_scope:
@@ -188,9 +193,14 @@ def command_run(args: argparse.Namespace) -> int:
             with retention_scope:
                 await retention_task(settings, drainer)()
 
+        async def probe() -> None:
+            with probe_scope:
+                await aircall_probe_task(settings, drainer)()
+
         drain_task = asyncio.create_task(drain(), name="drainer")
         drain_task.add_done_callback(lambda _: stop.set())
         retention = asyncio.create_task(retain(), name="retention")
+        aircall_probe = asyncio.create_task(probe(), name="aircall-probe")
 
         def on_signal(signum: int) -> None:
             if stop.is_set():
@@ -209,7 +219,9 @@ def command_run(args: argparse.Namespace) -> int:
             await drain_task
         finally:
             retention_scope.cancel()
+            probe_scope.cancel()
             await retention
+            await aircall_probe
             await close_drainer(drainer)
 
     asyncio.run(main())

@@ -206,7 +206,10 @@ class AircallApi:
             page_number = 1
             while True:
                 page = await self._calls_page(low, high, page_number)
-                if page_number == 1 and page.total is not None and page.total > LISTING_CAP:
+                # On any page: calls that started in the window while it was listed can take it
+                # past the cap. Its calls listed so far are listed again by the halves, and
+                # skipped as already seen.
+                if page.total is not None and page.total > LISTING_CAP:
                     if high - low <= 1:
                         raise AircallApiError(
                             f"GET /v1/calls: {page.total} calls started within one second "
@@ -246,7 +249,11 @@ class AircallApi:
         }
         where = f"GET /v1/calls (page {page_number}, from {low - 1} to {high})"
         body = await self._request("GET", "/v1/calls", params=params, where=where)
-        return self._page(body, "calls", where, check_call)
+        page = self._page(body, "calls", where, check_call)
+        if page.total is None:
+            # Without it a listing cut at 10,000 items could not be told from a complete one.
+            raise AircallApiError(f"{where}: the answer's meta has no total")
+        return page
 
     async def call(self, call_id: int) -> dict[str, Any]:
         """`GET /v1/calls/{id}`: the call object (with fresh recording URLs)."""

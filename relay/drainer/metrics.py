@@ -59,6 +59,19 @@ class DrainerMetrics:
             "Calls whose call.hungup is older than the timeout with no call.ended received.",
             registry=registry,
         )
+        self.aircall_webhook_active = Gauge(
+            "relay_aircall_webhook_active",
+            "1 when an active Aircall webhook carries the label's token, 0 when none does, as of "
+            "the last probe of Aircall's Public API (RELAY_AIRCALL_PROBE_SECONDS).",
+            ["label"],
+            registry=registry,
+        )
+        self.aircall_probe_failures = Counter(
+            "relay_aircall_probe_failures",
+            "Probes of Aircall's webhooks that failed, by reason (credentials, api, error).",
+            ["reason"],
+            registry=registry,
+        )
         self.in_flight = Gauge(
             "relay_segment_requests_in_flight", "Requests to Segment in flight.", registry=registry
         )

@@ -18,7 +18,7 @@
   headers come only once the limit is reached, as observed (S10), unless `limit_headers=
   "always"`.
 - Faults: `fail_next(n, status=500)` answers the next `n` API requests with that status, or
-  `fail_next(n, body=b"...")` with 200 and that body.
+  `fail_next(n, body=b"...")` with 200 and that body; `after=k` lets `k` requests through first.
 
 The state lives in memory; `FakeAircall` serves it on loopback from background threads (port 0:
 a free one), and `aircall-relay fake-aircall` from the command line. `sample_calls` builds
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import argparse
 import base64
-import copy
+import bisect
 import hmac
 import json
 import math
@@ -42,6 +42,8 @@ from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Final, Self
 from urllib.parse import parse_qsl, urlencode, urlsplit
+
+import orjson
 
 from relay.aircall import KNOWN_EVENTS
 from relay.testing.sample_payloads import sample_payload
@@ -57,12 +59,13 @@ def sample_calls(
 ) -> list[dict[str, Any]]:
     """`count` call objects like the shipped `call.ended` sample's `data`, each with its own id,
     times (`started_at` = start + i * spacing, the sample's durations) and links."""
-    template = sample_payload("call.ended")["data"]
-    answered = template["answered_at"] - template["started_at"]
-    ended = template["ended_at"] - template["started_at"]
+    template = orjson.dumps(sample_payload("call.ended")["data"])
+    first = orjson.loads(template)
+    answered = first["answered_at"] - first["started_at"]
+    ended = first["ended_at"] - first["started_at"]
     calls = []
     for index in range(count):
-        call = copy.deepcopy(template)
+        call = orjson.loads(template)
         call_id, started = first_id + index, start + index * spacing
         call.update(
             id=call_id,
@@ -96,8 +99,9 @@ class FakeAircallState:
         self.clock = clock
         self._lock = threading.Lock()
         self._calls: dict[int, dict[str, Any]] = {}
+        self._by_start: list[tuple[int, int]] | None = None  # (started_at, id), sorted
         self._webhooks: dict[str, dict[str, Any]] = {}
-        self._faults: list[tuple[int, bytes | None]] = []
+        self._faults: list[tuple[int, bytes | None] | None] = []  # None: answer normally
         self._requests: list[tuple[str, str, int]] = []  # (method, path with query, status)
         self._window: tuple[float, int] | None = None  # (start, requests in it)
 
@@ -106,7 +110,8 @@ class FakeAircallState:
     def add_calls(self, calls: Iterable[dict[str, Any]]) -> None:
         with self._lock:
             for call in calls:
-                self._calls[int(call["id"])] = copy.deepcopy(call)
+                self._calls[int(call["id"])] = _copy(call)
+            self._by_start = None
 
     def add_webhook(
         self,
@@ -129,21 +134,25 @@ class FakeAircallState:
         }
         with self._lock:
             self._webhooks[webhook_id] = webhook
-            return copy.deepcopy(webhook)
+            return _copy(webhook)
 
     def webhooks(self) -> list[dict[str, Any]]:
         with self._lock:
-            return copy.deepcopy(list(self._webhooks.values()))
+            return [_copy(webhook) for webhook in self._webhooks.values()]
 
     def set_webhook_active(self, webhook_id: str, active: bool) -> None:
         """As Aircall does after repeated failed deliveries (or an admin in the Dashboard)."""
         with self._lock:
             self._webhooks[webhook_id]["active"] = active
 
-    def fail_next(self, n: int, status: int = 500, body: bytes | None = None) -> None:
-        """The next `n` API requests answer `status` (or, with `body`, 200 and that body)."""
+    def fail_next(
+        self, n: int, status: int = 500, body: bytes | None = None, *, after: int = 0
+    ) -> None:
+        """The next `n` API requests (after `after` answered normally, and after the faults
+        already queued) answer `status`, or with `body`, 200 and that body."""
         with self._lock:
-            self._faults.extend([(200 if body is not None else status, body)] * n)
+            fault = (200 if body is not None else status, body)
+            self._faults.extend([None] * after + [fault] * n)
 
     def request_count(self) -> int:
         with self._lock:
@@ -179,8 +188,9 @@ class FakeAircallState:
         return status, headers, payload
 
     def _route(self, method: str, target: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
-        if self._faults:
-            status, fault_body = self._faults.pop(0)
+        fault = self._faults.pop(0) if self._faults else None
+        if fault is not None:
+            status, fault_body = fault
             return status, {"Content-Type": "application/json"}, fault_body or b'{"error":"Boom"}'
         parts = urlsplit(target)
         query = dict(parse_qsl(parts.query))
@@ -235,15 +245,20 @@ class FakeAircallState:
         return None, headers
 
     def _listed_calls(self, query: dict[str, str]) -> list[dict[str, Any]]:
+        if self._by_start is None:
+            self._by_start = sorted((call["started_at"], key) for key, call in self._calls.items())
         low = int(query.get("from") or 0)
         high = int(query["to"]) if query.get("to") else None
-        chosen = [
-            call
-            for call in self._calls.values()
-            if call["started_at"] >= low and (high is None or call["started_at"] <= high)
-        ]
-        chosen.sort(key=lambda call: (call["started_at"], call["id"]))
-        return chosen[::-1] if query.get("order") == "desc" else chosen
+        first = bisect.bisect_left(self._by_start, (low, -(2**63)))
+        last = (
+            len(self._by_start)
+            if high is None
+            else bisect.bisect_right(self._by_start, (high, 2**63))
+        )
+        keys = self._by_start[first:last]
+        if query.get("order") == "desc":
+            keys = keys[::-1]
+        return [self._calls[key] for _, key in keys]
 
     def _list(
         self, key: str, items: list[dict[str, Any]], query: dict[str, str], path: str
@@ -270,8 +285,13 @@ class FakeAircallState:
         return (200, *_json({key: chunk, "meta": meta}))
 
 
+def _copy(value: dict[str, Any]) -> dict[str, Any]:
+    copied: dict[str, Any] = orjson.loads(orjson.dumps(value))
+    return copied
+
+
 def _json(payload: Any) -> tuple[dict[str, str], bytes]:
-    return {"Content-Type": "application/json; charset=utf-8"}, json.dumps(payload).encode()
+    return {"Content-Type": "application/json; charset=utf-8"}, orjson.dumps(payload)
 
 
 def _error(status: int, error: str, troubleshoot: str) -> tuple[int, dict[str, str], bytes]:

@@ -5,14 +5,17 @@ failing), `--reactivate` keeping each webhook's events, `--json`, and no token i
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from relay.testing.fake_aircall import FakeAircall
-from tests.acceptance.processes import relay_env, run_relay
+from tests.acceptance.processes import RelayProcess, relay_env, run_relay
 
 API_ID = "fake-api-id"
 API_TOKEN = "fake-api-token-0123456789abcdef"
@@ -96,6 +99,19 @@ def test_an_inactive_webhook_exits_3_and_reactivate_keeps_its_events(
     assert again.returncode == 0 and "reactivated" not in again.stdout
 
 
+def test_a_reactivation_that_fails_exits_1_saying_what_was_done(
+    fake: FakeAircall, tmp_path: Path
+) -> None:
+    first = fake.add_webhook(RELAY_URL, MAIN_TOKEN, events=["call.ended"], active=False)
+    fake.add_webhook(RELAY_URL, SECOND_TOKEN, active=False)
+    fake.fail_next(1, body=b"<html>oops</html>", after=2)  # the listing, the first PUT, then this
+    done = run(fake, tmp_path, "--reactivate")
+    assert done.returncode == 1
+    assert f"reactivated webhook {first['webhook_id']} (label main" in done.stderr
+    assert "PUT /v1/webhooks/" in done.stderr and "not JSON" in done.stderr
+    assert [hook["active"] for hook in fake.webhooks()] == [True, False]
+
+
 def test_a_label_no_webhook_carries_exits_3_and_json_says_so(
     fake: FakeAircall, tmp_path: Path
 ) -> None:
@@ -150,3 +166,42 @@ def test_5xx_past_the_retries_exits_1(fake: FakeAircall, tmp_path: Path) -> None
     assert done.returncode == 1
     assert "answered 502" in done.stderr and "5 times in a row" in done.stderr
     assert fake.request_count() == 5
+
+
+def test_the_fake_aircall_command_serves_what_it_was_given(tmp_path: Path) -> None:
+    fake = RelayProcess(
+        "fake-aircall",
+        "--api-id",
+        API_ID,
+        "--api-token",
+        API_TOKEN,
+        "--calls",
+        "120",
+        "--webhook",
+        f"{RELAY_URL}={MAIN_TOKEN}",
+        "--inactive",
+        env=relay_env("sqlite://"),
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while len(fake.lines) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        listening, loaded = fake.lines[:2]
+        base_url = listening.removeprefix("fake-aircall listening on ")
+        assert base_url.startswith("http://127.0.0.1:")
+        assert loaded.startswith("webhook ") and loaded.endswith(RELAY_URL)
+        calls = httpx.get(f"{base_url}/v1/calls", params={"per_page": 50}, auth=(API_ID, API_TOKEN))
+        assert calls.json()["meta"]["total"] == 120
+        env = relay_env(
+            f"sqlite:///{tmp_path}/outbox.sqlite3",
+            aircall_api_id=API_ID,
+            aircall_api_token=API_TOKEN,
+            aircall_api_url=base_url,
+            aircall_tokens=f"main:{MAIN_TOKEN}",
+        )
+        done = run_relay("aircall", "webhooks", "--reactivate", env=env)
+        assert done.returncode == 0, done.stderr
+        assert "reactivated webhook" in done.stdout
+    finally:
+        fake.signal(signal.SIGTERM)
+        assert fake.wait(10) == 0

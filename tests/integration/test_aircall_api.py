@@ -288,6 +288,7 @@ async def test_no_answer_at_all_is_a_clear_error(clock: ManualClock) -> None:
         (b'{"meta": {"total": 1}}', "no `calls` list"),
         (b'{"calls": []}', "no `meta` object"),
         (b'{"calls": [], "meta": {"total": "many"}}', "meta.total is 'many'"),
+        (b'{"calls": [], "meta": {"count": 0}}', "meta has no total"),
         (b'{"calls": [{"started_at": 1}], "meta": {}}', "a call has no integer id"),
         (b'{"calls": [{"id": 77}], "meta": {}}', "call 77: started_at is missing"),
         (
@@ -356,3 +357,19 @@ async def test_from_settings_needs_the_api_settings() -> None:
     async with AircallApi.from_settings(settings) as api:
         assert api.base_url == "http://x:1"
         assert api.limiter.requests_per_minute == 60
+
+
+async def test_a_window_that_grows_past_10000_while_listed_is_split_then(
+    fake: FakeAircall, clock: ManualClock
+) -> None:
+    """Calls that start in the window while it is being listed (a window that ends now) can take
+    it past the cap after its first page: the rest would be cut at 10,000 without a word."""
+    calls = sample_calls(10_050, start=START, spacing=1)
+    fake.add_calls(calls[:9_990])
+    got: list[int] = []
+    async with api_for(fake, clock) as api:
+        async for call in api.calls(at(START), at(START + len(calls))):
+            got.append(call["id"])
+            if len(got) == 1:
+                fake.add_calls(calls[9_990:])
+    assert got == [call["id"] for call in calls]

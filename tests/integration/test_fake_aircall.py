@@ -139,6 +139,8 @@ def test_fail_next_answers_a_status_or_a_body_then_recovers(fake: FakeAircall) -
     assert [answer.status_code for answer in statuses] == [503, 503, 200, 200]
     assert statuses[2].content == b"<html>"
     assert fake.request_count() == 4
+    fake.fail_next(1, status=502, after=2)
+    assert [get(fake, "/v1/webhooks").status_code for _ in range(4)] == [200, 200, 502, 200]
 
 
 def test_sample_calls_are_the_call_ended_sample_with_their_own_ids_and_times() -> None:

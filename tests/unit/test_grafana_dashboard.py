@@ -94,6 +94,7 @@ def test_the_dashboard_shows_what_the_product_asks_for() -> None:
         "late events": "relay_events_late_total",
         "calls awaiting call.ended": "relay_outbox_calls_awaiting_call_ended",
         "rate-limit waits": "relay_rate_limit_wait_seconds_total",
+        "Aircall webhooks active (issue 12)": "relay_aircall_webhook_active",
     }
     missing = {what: name for what, name in wanted.items() if name not in used}
     assert missing == {}
