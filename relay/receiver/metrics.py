@@ -74,8 +74,25 @@ class OutboxCollector(Collector):
             "Calls whose call.hungup is older than RELAY_CALL_ENDED_TIMEOUT_SECONDS with no "
             "call.ended received, read from the database.",
         )
+        reconciled_at = GaugeMetricFamily(
+            "relay_reconcile_last_run_timestamp_seconds",
+            "When the last `aircall-relay reconcile` run ended (UNIX time), from reconcile_runs; "
+            "absent when none ran.",
+        )
+        reconciled_complete = GaugeMetricFamily(
+            "relay_reconcile_last_run_complete",
+            "1 when the last reconcile run found every ended call with its call.ended (or "
+            "back-filled it), 0 when calls were left without, or the run failed.",
+        )
+        reconciled_calls = GaugeMetricFamily(
+            "relay_reconcile_last_run_calls",
+            "Calls of the last reconcile run: missing (no row), awaiting_call_ended (rows but "
+            "no call.ended past the grace), backfilled (call.ended stored from Aircall's API).",
+            labels=["verdict"],
+        )
+        reconcile = [reconciled_at, reconciled_complete, reconciled_calls]
         if read_at is None:  # describe(): the names only
-            return [up, rows, oldest, awaiting]
+            return [up, rows, oldest, awaiting, *reconcile]
         up.add_metric([], 0.0 if gauges is None else 1.0)
         if gauges is None:
             return [up]
@@ -86,7 +103,14 @@ class OutboxCollector(Collector):
             [], 0.0 if received is None else max(0.0, (read_at - received).total_seconds())
         )
         awaiting.add_metric([], float(gauges.calls_awaiting_call_ended))
-        return [up, rows, oldest, awaiting]
+        run = gauges.last_reconcile
+        if run is None:
+            return [up, rows, oldest, awaiting]
+        reconciled_at.add_metric([], run.finished_at.timestamp())
+        reconciled_complete.add_metric([], 1.0 if run.complete else 0.0)
+        for verdict in ("missing", "awaiting_call_ended", "backfilled"):
+            reconciled_calls.add_metric([verdict], float(getattr(run, verdict)))
+        return [up, rows, oldest, awaiting, *reconcile]
 
 
 class ReceiverMetrics:

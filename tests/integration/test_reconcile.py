@@ -19,6 +19,7 @@ import pytest
 
 from relay.aircall_api import AircallApi
 from relay.db.engine import create_engine
+from relay.db.gauges import read_outbox_gauges
 from relay.db.reconcile import ReconcileStore, reconciled_dedup_key
 from relay.db.store import OutboxStore
 from relay.db.tables import utc_datetime
@@ -169,6 +170,11 @@ async def test_compares_aircalls_calls_with_the_outbox_and_records_the_run(
     human = run_relay("outbox", "stats", env=env).stdout
     assert "last reconcile:   incomplete, " in human
     assert "8 calls, 2 missing, 2 awaiting call.ended, 0 back-filled, 0 errors" in human
+    # And the receiver's gauges (its /metrics).
+    gauges = await read_outbox_gauges(store.engine, NOW)
+    assert gauges.last_reconcile is not None
+    assert (gauges.last_reconcile.missing, gauges.last_reconcile.awaiting_call_ended) == (2, 2)
+    assert not gauges.last_reconcile.complete
 
 
 async def test_backfill_stores_one_call_ended_per_call_and_a_second_run_adds_nothing(
