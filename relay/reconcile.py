@@ -297,19 +297,29 @@ async def _backfill(
 ) -> None:
     to_fill: Sequence[str] = report.verdicts[MISSING] + report.verdicts[AWAITING]
     for done, call_id in enumerate(to_fill, start=1):
-        try:
-            call = await api.call(int(call_id))
-        except AircallNotFound:
-            report.errors.append(f"call {call_id}: Aircall no longer has it (404)")
-            continue
-        ended_at = call.get("ended_at")
-        if ended_at is None:  # listed as ended, read again as not: nothing to build from
-            report.errors.append(f"call {call_id}: Aircall's call object has no ended_at")
-            continue
-        stored = await store.backfill_call_ended(call_id, call, int(ended_at), clock())
-        (report.backfilled if stored is not None else report.arrived_meanwhile).append(call_id)
+        await _backfill_one(api, store, report, clock, call_id)
         if progress is not None:
             progress("calls back-filled", done, len(to_fill))
+
+
+async def _backfill_one(
+    api: CallSource,
+    store: ReconcileStore,
+    report: Report,
+    clock: Callable[[], datetime],
+    call_id: str,
+) -> None:
+    try:
+        call = await api.call(int(call_id))
+    except AircallNotFound:
+        report.errors.append(f"call {call_id}: Aircall no longer has it (404)")
+        return
+    ended_at = call.get("ended_at")
+    if ended_at is None:  # listed as ended, read again as not: nothing to build from
+        report.errors.append(f"call {call_id}: Aircall's call object has no ended_at")
+        return
+    stored = await store.backfill_call_ended(call_id, call, int(ended_at), clock())
+    (report.backfilled if stored is not None else report.arrived_meanwhile).append(call_id)
 
 
 def render(report: Report, as_json: bool) -> str:

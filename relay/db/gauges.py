@@ -3,8 +3,8 @@
 Three short read statements on one connection, all answered from indexes: the rows not yet
 delivered and the dead rows (`ix_outbox_status_id`), the calls whose `call.hungup` is older
 than the timeout with no `call.ended` (`ix_outbox_call_hungup_received_at`, then
-`ix_outbox_ordering_key_status` per call), and the last `reconcile` run (`reconcile_runs`' key). Delivered and skipped rows, the bulk of a long-lived
-outbox, are never counted.
+`ix_outbox_ordering_key_status` per call), and the last `reconcile` run (`reconcile_runs`' key).
+Delivered and skipped rows, the bulk of a long-lived outbox, are never counted.
 """
 
 from __future__ import annotations

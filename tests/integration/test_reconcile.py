@@ -376,3 +376,59 @@ async def test_several_drainers_and_a_reconcile_at_once_send_one_call_ended_per_
     assert by_status.get("delivered") == 150 and set(by_status) <= {"delivered", "skipped"}
     reconciled = sum(1 for row in rows if row["origin"] == "reconciled")
     print(f"reconciled rows: {reconciled}, skipped: {by_status.get('skipped', 0)}")
+
+
+class ChangingAircall:
+    """The client, and the fake changing between the listing and the back-fill: Aircall deleted
+    one call meanwhile (404), and another reads as not ended any more."""
+
+    def __init__(self, api: AircallApi, fake: FakeAircall, gone: int, reopened: int) -> None:
+        self.api, self.fake, self.gone, self.reopened = api, fake, gone, reopened
+
+    async def calls(self, since: datetime, until: datetime, on_page: Any = None) -> Any:
+        async for call in self.api.calls(since, until, on_page):
+            yield call
+        changed = copy.deepcopy(self.fake._calls[self.reopened])
+        changed["ended_at"] = None
+        self.fake.add_calls([changed])
+        del self.fake._calls[self.gone]
+
+    async def call(self, call_id: int) -> dict[str, Any]:
+        return await self.api.call(call_id)
+
+
+async def test_calls_that_cannot_be_back_filled_are_errors_and_the_others_are_stored(
+    aircall: FakeAircall, store: ReconcileStore, database: OutboxDatabase
+) -> None:
+    calls = sample_calls(3, start=START)
+    aircall.add_calls(calls)
+    progress: list[tuple[str, int, int | None]] = []
+    async with api_of(aircall) as api:
+        changing = ChangingAircall(api, aircall, gone=calls[0]["id"], reopened=calls[1]["id"])
+        report = await reconcile(
+            changing,
+            store,
+            since=NOW - timedelta(days=2),
+            until=NOW,
+            grace_seconds=GRACE,
+            backfill=True,
+            clock=lambda: NOW,
+            progress=lambda what, done, total: progress.append((what, done, total)),
+        )
+    assert report.backfilled == [str(calls[2]["id"])]
+    assert report.errors == [
+        f"call {calls[0]['id']}: Aircall no longer has it (404)",
+        f"call {calls[1]['id']}: Aircall's call object has no ended_at",
+    ]
+    assert (report.exit_code, report.outcome) == (EXIT_FAILURE, "errors")
+    assert "ERRORS: 2 call(s) could not be checked or back-filled" in report.as_text()
+    rows = await database.rows_async("SELECT resource_id FROM outbox")
+    assert [row["resource_id"] for row in rows] == [str(calls[2]["id"])]
+    [run_row] = await database.rows_async("SELECT errors, backfilled, outcome FROM reconcile_runs")
+    assert run_row == {"errors": 2, "backfilled": 1, "outcome": "errors"}
+    # The progress a terminal shows: the listing, the comparison, the back-fill.
+    assert ("calls listed", 3, 3) in progress
+    assert ("calls compared", 3, 3) in progress
+    assert [entry for entry in progress if entry[0] == "calls back-filled"] == [
+        ("calls back-filled", done, 3) for done in (1, 2, 3)
+    ]
