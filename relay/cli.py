@@ -5,7 +5,8 @@ Exit codes: 0 success; 1 a runtime failure (database unreachable, migration fail
 API failing); 2 a usage or configuration error (the message names the setting; Aircall refusing
 the API credentials); 3 the schema is not at the head this version expects (`check`, and `serve`,
 `drain`, `run` at start: `relay.check`), or a label without an active Aircall webhook (`aircall
-webhooks`).
+webhooks`); 4 `reconcile` found ended calls without their `call.ended` and did not back-fill them
+(`relay.reconcile`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from relay.drainer.ledger import DrainSummary
 from relay.drainer.metrics import DrainerMetrics
 from relay.logs import configure_logging, get_logger
 from relay.outbox_cli import add_outbox_commands, run_outbox_command
+from relay.reconcile import add_reconcile_command, run_reconcile
 from relay.settings import CONFIG_FILE_ENV, DEFAULTS, Settings, SettingsError, load_settings
 
 # The receiver's modules (Quart, Hypercorn) are imported by the commands that serve it, so that
@@ -261,6 +263,15 @@ def command_fake_aircall(args: argparse.Namespace) -> int:
     return run_from_cli(args)
 
 
+def command_reconcile(args: argparse.Namespace) -> int:
+    settings = build_settings(args)
+    settings.require_aircall_api()  # else exit 2, the message naming the settings
+    # The report is on stdout, the progress and the logs on stderr.
+    configure_logging(settings.log_format, "warning", settings.secrets(), stream=sys.stderr)
+    asyncio.run(require_schema_at_head(settings))
+    return run_reconcile(args, settings)
+
+
 def command_check(args: argparse.Namespace) -> int:
     try:
         settings = build_settings(args)
@@ -436,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_aircall_commands(commands)
     commands.choices["aircall"].set_defaults(handler=command_aircall)
+    add_reconcile_command(commands).set_defaults(handler=command_reconcile)
 
     migrate = commands.add_parser("migrate", help="create or upgrade the outbox schema")
     migrate.set_defaults(handler=command_migrate)

@@ -40,6 +40,7 @@ from sqlalchemy.sql import operators as sa_operators
 from relay.aircall import CALL_LIFECYCLE, OTHER_EVENTS_RANK
 from relay.db.engine import not_abandoned, sqlite_writer_connector, writer
 from relay.db.notify import notify_statement
+from relay.db.reconcile import SkipRule, skip_second_call_ended
 from relay.db.store import row_specific_error
 from relay.db.tables import (
     awaiting_call_ended,
@@ -69,6 +70,7 @@ class ClaimedEvent(NamedTuple):
     # claim fail.
     payload: str
     attempts: int
+    origin: str = "webhook"  # or "reconciled": a call.ended back-filled by `reconcile`
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +206,7 @@ _CLAIM_COLUMNS = (
     # As text (a no-op on SQLite; `json::text` on PostgreSQL is the text as stored).
     sa.cast(outbox.c.payload, sa.Text()).label("payload"),
     outbox.c.attempts,
+    outbox.c.origin,
 )
 
 
@@ -779,6 +782,14 @@ class DeliveryStore:
             )
 
         return await self._write(work)
+
+    async def skip_second_call_ended(
+        self, owner: str, ids: Sequence[int], rule: SkipRule
+    ) -> dict[int, str]:
+        """Claimed `call.ended` rows whose call has its one: skipped (relay/db/reconcile.py)."""
+        return await self._write(
+            functools.partial(skip_second_call_ended, owner=owner, ids=ids, rule=rule)
+        )
 
     # -- the deployment's budget toward Segment ----------------------------------------------
 

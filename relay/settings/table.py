@@ -381,6 +381,15 @@ class Settings:
         "company's per-minute allowance). Off while the API settings are not set.",
         group="aircall",
     )
+    reconcile_grace_seconds: float = setting(
+        3600.0,
+        parse.number(0.0, 86400.0),
+        "`aircall-relay reconcile` judges a call only once it ended this long ago: a call that "
+        "ended more recently, or is still going on, may still have webhooks on their way (Aircall "
+        "sends `call.ended` about 30 s after the hang-up and retries failures). Past it, a call "
+        "with no `call.ended` in the outbox is reported, and back-filled with `--backfill`.",
+        group="aircall",
+    )
     # Not a setting: the TOML file these settings were read from, if any.
     config_file: str | None = field(default=None, compare=False)
 

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from relay.db.gauges import FilesystemSpace, OutboxGauges
+from relay.db.gauges import FilesystemSpace, LastReconcile, OutboxGauges
 from relay.drainer.metrics import DrainerMetrics
 from relay.receiver.metrics import ReceiverMetrics
 
@@ -97,3 +97,20 @@ def test_an_included_registry_is_rendered_after_the_receivers() -> None:
     found = samples(metrics)
     assert found[("relay_webhooks_total", (("event", "call.created"), ("outcome", "stored")))] == 1
     assert found[("relay_events_delivered_total", ())] == 3
+
+
+def test_the_last_reconcile_run_as_gauges_and_absent_when_none_ran() -> None:
+    metrics = ReceiverMetrics()
+    metrics.outbox.update(OutboxGauges(0, 0, 0, None, 0), NOW)
+    assert not [name for name, _ in samples(metrics) if name.startswith("relay_reconcile_")]
+    run = LastReconcile(
+        finished_at=NOW - timedelta(minutes=5), complete=False, missing=4, awaiting_call_ended=1,
+        backfilled=2,
+    )  # fmt: skip
+    metrics.outbox.update(OutboxGauges(0, 0, 0, None, 0, last_reconcile=run), NOW)
+    found = samples(metrics)
+    assert found[("relay_reconcile_last_run_timestamp_seconds", ())] == run.finished_at.timestamp()
+    assert found[("relay_reconcile_last_run_complete", ())] == 0
+    assert found[("relay_reconcile_last_run_calls", (("verdict", "missing"),))] == 4
+    assert found[("relay_reconcile_last_run_calls", (("verdict", "awaiting_call_ended"),))] == 1
+    assert found[("relay_reconcile_last_run_calls", (("verdict", "backfilled"),))] == 2
