@@ -113,7 +113,7 @@ class OutboxCollector(Collector):
             [], 0.0 if received is None else max(0.0, (read_at - received).total_seconds())
         )
         awaiting.add_metric([], float(gauges.calls_awaiting_call_ended))
-        families = [up, rows, oldest, awaiting]
+        families: list[Metric] = [up, rows, oldest, awaiting]
         if gauges.filesystem is not None:  # PostgreSQL: no file of the relay's to watch
             avail.add_metric([], float(gauges.filesystem.avail_bytes))
             size.add_metric([], float(gauges.filesystem.size_bytes))
