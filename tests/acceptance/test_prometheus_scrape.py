@@ -9,8 +9,8 @@ to everything. Then every expression of the dashboard and of the rules must pars
 data, every metric they name must have been scraped from the relay, and the rules must be in the
 state the scenario puts them in: Segment failing pending, dead rows and calls awaiting
 `call.ended` firing, the others inactive. The drainer probes a fake of Aircall's Public API
-where the webhook of one of the two labels is disabled: the webhook-inactive alert goes pending.
-About 15 seconds of scraping.
+where the webhook of one of the two labels is disabled: the webhook-inactive alert goes pending;
+and a reconcile run finds a call missing: the reconcile alert fires. About 15 seconds of scraping.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ import pytest
 import yaml
 
 from relay.testing import FakeSegment, Fault, SourceConfig
-from relay.testing.fake_aircall import FakeAircall
-from tests.acceptance.processes import RelayProcess, relay_env, statuses
+from relay.testing.fake_aircall import FakeAircall, sample_calls
+from tests.acceptance.processes import RelayProcess, relay_env, run_relay, statuses
 from tests.prometheus.support import (
     RULES,
     dashboard_expressions,
@@ -57,6 +57,7 @@ ACTIVE = {
     "AircallRelayDeadRows": "firing",
     "AircallRelayCallEndedMissing": "firing",
     "AircallRelayWebhookInactive": "pending",  # the label "backup"; it fires after 10 minutes
+    "AircallRelayReconcileIncomplete": "firing",  # a call of Aircall's the outbox never got
 }
 API_ID, API_TOKEN = "scrape-api-id", "scrape-api-token-5Rk2"
 BACKUP_TOKEN = "b" * 32
@@ -216,6 +217,11 @@ def test_a_real_prometheus_scrapes_the_relay_and_runs_the_shipped_rules(
         aircall.add_webhook("https://relay.example.com/aircall/webhook", SAMPLE_TOKEN)
         aircall.add_webhook("https://relay.example.com/aircall/webhook", BACKUP_TOKEN, active=False)
         env = relay_env(sqlite_database.url, **relay_settings(fake, aircall))
+        # A call Aircall has that ended two hours ago and never reached the relay: reconcile
+        # (without back-fill) records an incomplete run, which the receiver's gauges show.
+        aircall.add_calls(sample_calls(1, first_id=9_000_001, start=int(time.time()) - 3 * 3600))
+        reconcile = run_relay("reconcile", "--since", "26h", "--requests-per-minute", "0", env=env)
+        assert reconcile.returncode == 4, reconcile.stdout + reconcile.stderr
         receiver = RelayProcess("serve", "--port", "0", env=env)
         drainer = RelayProcess("drain", env=env)
         try:
