@@ -403,12 +403,14 @@ class Server:
         name: str = "server",
         command: list[str] | None = None,
         metrics: bool | None = None,
+        start_timeout: float = 30.0,
     ) -> None:
         """`command`: another server to run instead (bench/ingest_vs_fastapi.py's peer); it
         must log a JSON line with `"listening"` and its `port`, and has /metrics only when
         `metrics` says so (by default only `aircall-relay serve`)."""
         self.log_path = workdir / f"{name}.log"
         self._log = self.log_path.open("wb")
+        self.start_timeout = start_timeout
         relay = command is None if metrics is None else metrics
         if command is None:
             command = [sys.executable, "-m", "relay.cli", "serve", "--port", "0"]
@@ -424,7 +426,7 @@ class Server:
         self.metrics_port = self._wait_for_port("metrics_listening") if relay else None
 
     def _wait_for_port(self, event: str) -> int:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise SystemExit(f"the server exited:\n{self.log_path.read_text()[-3000:]}")
@@ -433,7 +435,7 @@ class Server:
                     return int(json.loads(line)["port"])
             time.sleep(0.05)
         self.stop()
-        raise SystemExit(f"the server did not log `{event}` within 30 s")
+        raise SystemExit(f"the server did not log `{event}` within {self.start_timeout:g} s")
 
     def cpu_seconds(self) -> tuple[float, float]:
         """User + system CPU time of the server and its worker processes: (all threads, the
