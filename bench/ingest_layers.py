@@ -117,6 +117,9 @@ def serve(kind: str, loop: str) -> None:
     sock.bind(("127.0.0.1", 0))
     sock.listen(1024)
     port = sock.getsockname()[1]
+    if kind.startswith("uvicorn"):
+        serve_uvicorn(kind, sock)
+        return
     config = Config()  # as relay/receiver/serve.py sets it up
     config.bind = [f"fd://{sock.detach()}"]
     config.accesslog = None
@@ -130,6 +133,29 @@ def serve(kind: str, loop: str) -> None:
         factory = uvloop.new_event_loop
     with asyncio.Runner(loop_factory=factory) as runner:
         runner.run(hypercorn_serve(app, config))  # type: ignore[arg-type]
+
+
+def serve_uvicorn(kind: str, sock: socket.socket) -> None:
+    """`uvicorn-asgi`: the bare ASGI function; `uvicorn-relay`: the relay's own app (settings
+    from the environment, as a Hypercorn worker builds it), on uvicorn with uvloop and
+    httptools, as the FastAPI peer runs: what another ASGI server would change."""
+    import uvicorn
+
+    from relay.compose import receiver_app_from_environment
+
+    app: Any = bare_asgi if kind == "uvicorn-asgi" else receiver_app_from_environment()
+    config = uvicorn.Config(
+        app, loop="uvloop", http="httptools", access_log=False, log_level="warning"
+    )
+    server = uvicorn.Server(config)
+    startup = server.startup
+
+    async def announce(sockets: list[socket.socket] | None = None) -> None:
+        await startup(sockets=sockets)
+        print(json.dumps({"event": "listening", "port": sock.getsockname()[1]}), flush=True)
+
+    server.startup = announce  # type: ignore[method-assign]
+    server.run(sockets=[sock])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,6 +244,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--loops", default="asyncio", help="event loops of the bare servers")
     parser.add_argument("--no-bare", action="store_true", help="only the relay(s)")
     parser.add_argument("--relay-root", type=Path, help="another checkout's relay, alternated")
+    parser.add_argument(
+        "--uvicorn",
+        action="store_true",
+        help="also the bare ASGI function and the relay's app on uvicorn (uvloop, httptools)",
+    )
     parser.add_argument("--profile", action="store_true", help="py-spy profile of the relay")
     parser.add_argument("--rate", type=int, default=1000, help="py-spy samples per second")
     parser.add_argument("--examples", type=Path, default=DEFAULT_EXAMPLES)
@@ -257,6 +288,18 @@ def main(argv: list[str] | None = None) -> int:
                         [Server(dict(os.environ), workdir, 1, pinned, name, command=command)]
                     )
                     kinds.append((name, name, 401))
+        if args.uvicorn:
+            for kind in ("uvicorn-asgi", "uvicorn-relay"):
+                env = dict(os.environ)
+                if kind == "uvicorn-relay":
+                    env = relay_env(f"sqlite:///{workdir / (kind + '.sqlite3')}")
+                    env["RELAY_RECEIVER_METRICS_PORT"] = "off"
+                    migrate(env)
+                command = [sys.executable, str(HERE), "serve", kind, "uvloop"]
+                servers[kind] = Servers([Server(env, workdir, 1, pinned, kind, command=command)])
+                kinds.append((f"{kind}-401", kind, 401))
+                if kind == "uvicorn-relay":
+                    kinds.append((f"{kind}-200", kind, 200))
         roots = [("relay", ROOT)]
         if args.relay_root:
             roots.append(("base", args.relay_root.resolve()))
@@ -287,12 +330,12 @@ def main(argv: list[str] | None = None) -> int:
             return result
 
         for label, server, expected in kinds:
-            run(f"{label[:11]}", server, expected, args.warmup)
+            run(label, server, expected, args.warmup)
         results: dict[str, list[RunResult]] = {label: [] for label, _, _ in kinds}
         for number in range(args.rounds):
             order = kinds if number % 2 == 0 else kinds[::-1]
             for label, server, expected in order:
-                results[label].append(run(label[:11], server, expected, args.seconds))
+                results[label].append(run(label, server, expected, args.seconds))
         print()
         print(f"server CPU per answered request, medians of {args.rounds} runs:")
         for label, runs in results.items():

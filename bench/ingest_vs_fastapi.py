@@ -41,6 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ingest_layers import HERE as LAYERS
+from ingest_layers import relay_command
 from proc_cpu import wait_for_quiet
 from receiver import (
     DEFAULT_EXAMPLES,
@@ -77,7 +79,7 @@ class Contender:
         self.acked = 0  # every 200, warm-up and disturbed runs included
 
     def rows(self) -> int:
-        if self.label == "relay":
+        if self.label.startswith("relay"):
             return count_rows(self.database_url)[0]
         path = self.database_url.removeprefix("sqlite:///")
         with sqlite3.connect(path) as connection:
@@ -115,6 +117,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.0,
         help="before each run, wait up to this many seconds for a quiet second on the machine",
     )
+    parser.add_argument(
+        "--relay-root",
+        type=Path,
+        help="also another checkout's relay (`relay-base`), e.g. the code before a change",
+    )
+    parser.add_argument(
+        "--relay-uvicorn",
+        action="store_true",
+        help="also the relay's app served by uvicorn (uvloop, httptools) instead of Hypercorn "
+        "(`relay-uvicorn`, bench/ingest_layers.py): what another ASGI server would change",
+    )
     parser.add_argument("--examples", type=Path, default=DEFAULT_EXAMPLES, help="sample payloads")
     parser.add_argument("--dir", type=Path, help="parent of the temporary directory")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
@@ -145,6 +158,20 @@ def main(argv: list[str] | None = None) -> int:
         contenders.append(
             Contender("relay", Servers([Server(env, workdir, 1, server_cpus, "relay")]), relay_url)
         )
+        others: list[tuple[str, list[str], dict[str, str]]] = []
+        if args.relay_root:
+            others.append(("relay-base", relay_command(args.relay_root.resolve()), {}))
+        if args.relay_uvicorn:
+            command = [sys.executable, str(LAYERS), "serve", "uvicorn-relay", "uvloop"]
+            others.append(("relay-uvicorn", command, {"RELAY_RECEIVER_METRICS_PORT": "off"}))
+        for label, command, extra in others:
+            url = f"sqlite:///{workdir / (label + '.sqlite3')}"
+            other_env = {**relay_env(url), **extra}
+            migrate(other_env)
+            server = Server(
+                other_env, workdir, 1, server_cpus, label, command=command, metrics=not extra
+            )
+            contenders.append(Contender(label, Servers([server]), url))
         for variant in args.variants.split(","):
             label = f"fastapi-{variant}"
             database = workdir / f"{label}.sqlite3"
@@ -240,6 +267,8 @@ def report(contenders: list[Contender]) -> None:
         print(line)
     relay = contenders[0]
     for peer in contenders[1:]:
+        if peer.label.startswith("relay"):
+            continue
         ratios = [a.rate / b.rate for a, b in zip(relay.stored, peer.stored, strict=True)]
         p99s = [
             a.percentile(0.99) / b.percentile(0.99)
@@ -250,6 +279,12 @@ def report(contenders: list[Contender]) -> None:
             + ", ".join(f"{ratio:.2f}" for ratio in ratios)
             + f"); p99 relay/peer {statistics.median(p99s):.2f}"
         )
+    peers = [c for c in contenders if not c.label.startswith("relay")]
+    for other in contenders[1:]:
+        if other.label.startswith("relay"):
+            for peer in peers:
+                ratios = [a.rate / b.rate for a, b in zip(other.stored, peer.stored, strict=True)]
+                print(f"  {other.label} / {peer.label}: {statistics.median(ratios):.2f}x durable/s")
     disturbed = sum(r.disturbed for c in contenders for r in c.stored + c.refused)
     if disturbed:
         print(f"  {disturbed} runs kept were disturbed by other processes")
