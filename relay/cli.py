@@ -109,7 +109,12 @@ def command_migrate(args: argparse.Namespace) -> int:
 
 
 def command_serve(args: argparse.Namespace) -> int:
-    from relay.receiver.serve import serve_in_process, serve_with_workers, wait_for_signal
+    from relay.receiver.serve import (
+        run_event_loop,
+        serve_in_process,
+        serve_with_workers,
+        wait_for_signal,
+    )
 
     settings = build_settings(args)
     setup_logging(settings)
@@ -121,7 +126,7 @@ def command_serve(args: argparse.Namespace) -> int:
             os.environ[CONFIG_FILE_ENV] = settings.config_file
         return serve_with_workers(settings, WORKER_APPLICATION_PATH)
     app = build_receiver_app(settings)
-    asyncio.run(serve_in_process(app, settings, wait_for_signal))
+    run_event_loop(serve_in_process(app, settings, wait_for_signal))
     log.info("stopped")
     return EXIT_OK
 
