@@ -395,13 +395,27 @@ class Server:
     """`aircall-relay serve --port 0` in a subprocess, its log in a file."""
 
     def __init__(
-        self, env: dict[str, str], workdir: Path, workers: int, cpus: set[int], name: str = "server"
+        self,
+        env: dict[str, str],
+        workdir: Path,
+        workers: int,
+        cpus: set[int],
+        name: str = "server",
+        command: list[str] | None = None,
+        metrics: bool | None = None,
+        start_timeout: float = 30.0,
     ) -> None:
+        """`command`: another server to run instead (bench/ingest_vs_fastapi.py's peer); it
+        must log a JSON line with `"listening"` and its `port`, and has /metrics only when
+        `metrics` says so (by default only `aircall-relay serve`)."""
         self.log_path = workdir / f"{name}.log"
         self._log = self.log_path.open("wb")
-        command = [sys.executable, "-m", "relay.cli", "serve", "--port", "0"]
-        if workers > 1:
-            command += ["--workers", str(workers)]
+        self.start_timeout = start_timeout
+        relay = command is None if metrics is None else metrics
+        if command is None:
+            command = [sys.executable, "-m", "relay.cli", "serve", "--port", "0"]
+            if workers > 1:
+                command += ["--workers", str(workers)]
         self.process = subprocess.Popen(
             command, env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT
         )
@@ -409,10 +423,10 @@ class Server:
             os.sched_setaffinity(self.process.pid, cpus)
         self.port = self._wait_for_port("listening")
         # Where the server answers /metrics (a port of its own since the receiver has one).
-        self.metrics_port = self._wait_for_port("metrics_listening")
+        self.metrics_port = self._wait_for_port("metrics_listening") if relay else None
 
     def _wait_for_port(self, event: str) -> int:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise SystemExit(f"the server exited:\n{self.log_path.read_text()[-3000:]}")
@@ -421,7 +435,7 @@ class Server:
                     return int(json.loads(line)["port"])
             time.sleep(0.05)
         self.stop()
-        raise SystemExit(f"the server did not log `{event}` within 30 s")
+        raise SystemExit(f"the server did not log `{event}` within {self.start_timeout:g} s")
 
     def cpu_seconds(self) -> tuple[float, float]:
         """User + system CPU time of the server and its worker processes: (all threads, the
@@ -479,6 +493,8 @@ class Servers:
     def scrape_metrics(self) -> dict[str, float]:
         totals: dict[str, float] = {}
         for server in self.servers:
+            if server.metrics_port is None:
+                continue
             for name, value in scrape_metrics(server.metrics_port).items():
                 totals[name] = totals.get(name, 0.0) + value
         return totals
@@ -559,8 +575,50 @@ def scrape_metrics(port: int) -> dict[str, float]:
     return figures
 
 
+def measure(
+    server: Servers, database_url: str, label: str, expected: int, drive: Callable[[RunResult], Any]
+) -> RunResult:
+    """One run: `drive(result)` (a coroutine function: the load) with the server's CPU, context
+    switches, group-commit figures and the CPU other processes took meanwhile."""
+    result = RunResult(label, expected)
+    metrics_before = server.scrape_metrics()
+    cpu_before, client_before = server.cpu_seconds(), time.process_time()
+    switches_before = server.context_switches()
+    busy_before = busy_cpu_seconds()
+    with PostgresSampler(database_url) as postgres:
+        asyncio.run(drive(result))
+    busy = busy_cpu_seconds() - busy_before
+    cpu_after = server.cpu_seconds()
+    result.server_cpu_seconds = cpu_after[0] - cpu_before[0]
+    result.loop_cpu_seconds = cpu_after[1] - cpu_before[1]
+    result.server_switches = server.context_switches() - switches_before
+    result.client_cpu_seconds = time.process_time() - client_before
+    result.postgres_cpu_seconds = postgres.seconds()
+    result.other_cpu_seconds = max(
+        0.0,
+        busy
+        - result.server_cpu_seconds
+        - result.client_cpu_seconds
+        - sum(result.postgres_cpu_seconds or ()),
+    )
+    result.commits = CommitFigures.between(metrics_before, server.scrape_metrics())
+    return result
+
+
 # ---------------------------------------------------------------------------------------------
 # Database
+
+
+def relay_env(database_url: str) -> dict[str, str]:
+    """The environment of `aircall-relay serve` and `migrate` (this process's, less RELAY_*)."""
+    return {
+        **{key: value for key, value in os.environ.items() if not key.startswith("RELAY_")},
+        "RELAY_AIRCALL_TOKENS": f"bench:{TOKEN}",
+        "RELAY_DATABASE_URL": database_url,
+        "RELAY_LOG_FORMAT": "json",
+        "RELAY_RECEIVER_METRICS_PORT": "0",  # any free port, one per server (logged)
+        "PYTHONPATH": str(ROOT),
+    }
 
 
 def migrate(env: dict[str, str]) -> None:
@@ -715,14 +773,7 @@ def main(argv: list[str] | None = None) -> int:
     payloads = Payloads(args.examples)
     workdir = Path(tempfile.mkdtemp(prefix="relay-bench-", dir=args.dir))
     database_url = args.database_url or f"sqlite:///{workdir / 'outbox.sqlite3'}"
-    env = {
-        **{key: value for key, value in os.environ.items() if not key.startswith("RELAY_")},
-        "RELAY_AIRCALL_TOKENS": f"bench:{TOKEN}",
-        "RELAY_DATABASE_URL": database_url,
-        "RELAY_LOG_FORMAT": "json",
-        "RELAY_RECEIVER_METRICS_PORT": "0",  # any free port, one per server (logged)
-        "PYTHONPATH": str(ROOT),
-    }
+    env = relay_env(database_url)
     cpus = sorted(os.sched_getaffinity(0))
     server_cpus: set[int] = set()
     if len(cpus) >= 2 and not args.no_pin and args.receivers == 1:
@@ -767,29 +818,7 @@ def main(argv: list[str] | None = None) -> int:
         def run(label: str, expected: int, drive: Callable[[RunResult], Any]) -> RunResult:
             if args.quiet_wait > 0:
                 wait_for_quiet(args.quiet_wait)
-            result = RunResult(label, expected)
-            metrics_before = server.scrape_metrics()
-            cpu_before, client_before = server.cpu_seconds(), time.process_time()
-            switches_before = server.context_switches()
-            busy_before = busy_cpu_seconds()
-            with PostgresSampler(database_url) as postgres:
-                asyncio.run(drive(result))
-            busy = busy_cpu_seconds() - busy_before
-            cpu_after = server.cpu_seconds()
-            result.server_cpu_seconds = cpu_after[0] - cpu_before[0]
-            result.loop_cpu_seconds = cpu_after[1] - cpu_before[1]
-            result.server_switches = server.context_switches() - switches_before
-            result.client_cpu_seconds = time.process_time() - client_before
-            result.postgres_cpu_seconds = postgres.seconds()
-            result.other_cpu_seconds = max(
-                0.0,
-                busy
-                - result.server_cpu_seconds
-                - result.client_cpu_seconds
-                - sum(result.postgres_cpu_seconds or ()),
-            )
-            result.commits = CommitFigures.between(metrics_before, server.scrape_metrics())
-            return result
+            return measure(server, database_url, label, expected, drive)
 
         def closed(
             label: str, expected: int, make: Callable[[int], bytes], secs: float

@@ -1,9 +1,12 @@
 """The `aircall-relay` command: its parser, its commands and their exit codes. What the commands
 run is built by the composition root (relay/compose.py).
 
-Exit codes: 0 success; 1 a runtime failure (database unreachable, migration failed); 2 a usage
-or configuration error (the message names the setting); 3 the schema is not at the head this
-version expects (`check`, and `serve`, `drain`, `run` at start: `relay.check`).
+Exit codes: 0 success; 1 a runtime failure (database unreachable, migration failed, Aircall's
+API failing); 2 a usage or configuration error (the message names the setting; Aircall refusing
+the API credentials); 3 the schema is not at the head this version expects (`check`, and `serve`,
+`drain`, `run` at start: `relay.check`), or a label without an active Aircall webhook (`aircall
+webhooks`); 4 `reconcile` found ended calls without their `call.ended` and did not back-fill them
+(`relay.reconcile`).
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ from dataclasses import asdict
 import anyio
 
 from relay import __version__
+from relay.aircall_cli import add_aircall_commands, run_aircall_command
 from relay.check import ROLES, NotReady, check, require_schema_at_head, unreadable_settings
 from relay.compose import (
     WORKER_APPLICATION_PATH,
+    aircall_probe_task,
     build_drainer,
     build_receiver_app,
     close_drainer,
@@ -37,6 +42,7 @@ from relay.drainer.ledger import DrainSummary
 from relay.drainer.metrics import DrainerMetrics
 from relay.logs import configure_logging, get_logger
 from relay.outbox_cli import add_outbox_commands, run_outbox_command
+from relay.reconcile import add_reconcile_command, run_reconcile
 from relay.settings import CONFIG_FILE_ENV, DEFAULTS, Settings, SettingsError, load_settings
 
 # The receiver's modules (Quart, Hypercorn) are imported by the commands that serve it, so that
@@ -115,7 +121,12 @@ def receiver_settings(args: argparse.Namespace) -> Settings:
 
 
 def command_serve(args: argparse.Namespace) -> int:
-    from relay.receiver.serve import serve_in_process, serve_with_workers, wait_for_signal
+    from relay.receiver.serve import (
+        run_event_loop,
+        serve_in_process,
+        serve_with_workers,
+        wait_for_signal,
+    )
 
     settings = receiver_settings(args)
     if settings.workers > 1:
@@ -123,7 +134,7 @@ def command_serve(args: argparse.Namespace) -> int:
             os.environ[CONFIG_FILE_ENV] = settings.config_file
         return serve_with_workers(settings, WORKER_APPLICATION_PATH)
     app = build_receiver_app(settings)
-    asyncio.run(serve_in_process(app, settings, wait_for_signal))
+    run_event_loop(serve_in_process(app, settings, wait_for_signal))
     log.info("stopped")
     return EXIT_OK
 
@@ -142,6 +153,7 @@ def command_drain(args: argparse.Namespace) -> int:
                 group.start_soon(stop_on_signals, stop, group.cancel_scope)
                 if not args.once:
                     group.start_soon(retention_task(settings, drainer))
+                    group.start_soon(aircall_probe_task(settings, drainer))
                 summary = await drainer.run(stop, once=args.once)
                 group.cancel_scope.cancel()
             return summary
@@ -180,6 +192,7 @@ def command_run(args: argparse.Namespace) -> int:
         # which would abandon their database work under way (`relay.db.engine.not_abandoned`).
         drain_scope = anyio.CancelScope()
         retention_scope = anyio.CancelScope()
+        probe_scope = anyio.CancelScope()
 
         async def drain() -> None:
             with drain_scope:
@@ -189,9 +202,14 @@ def command_run(args: argparse.Namespace) -> int:
             with retention_scope:
                 await retention_task(settings, drainer)()
 
+        async def probe() -> None:
+            with probe_scope:
+                await aircall_probe_task(settings, drainer)()
+
         drain_task = asyncio.create_task(drain(), name="drainer")
         drain_task.add_done_callback(lambda _: stop.set())
         retention = asyncio.create_task(retain(), name="retention")
+        aircall_probe = asyncio.create_task(probe(), name="aircall-probe")
 
         def on_signal(signum: int) -> None:
             if stop.is_set():
@@ -210,7 +228,9 @@ def command_run(args: argparse.Namespace) -> int:
             await drain_task
         finally:
             retention_scope.cancel()
+            probe_scope.cancel()
             await retention
+            await aircall_probe
             await close_drainer(drainer)
 
     asyncio.run(main())
@@ -225,6 +245,13 @@ def command_outbox(args: argparse.Namespace) -> int:
     return run_outbox_command(args, settings)
 
 
+def command_aircall(args: argparse.Namespace) -> int:
+    settings = build_settings(args)
+    # The command's output is on stdout (a table, JSON): logs go to stderr.
+    configure_logging(settings.log_format, "warning", settings.secrets(), stream=sys.stderr)
+    return run_aircall_command(args, settings)
+
+
 def command_demo(args: argparse.Namespace) -> int:
     from relay.demo import run_demo
 
@@ -237,6 +264,21 @@ def command_fake_segment(args: argparse.Namespace) -> int:
     from relay.testing.fake_segment_server import run_from_cli
 
     return run_from_cli(args)
+
+
+def command_fake_aircall(args: argparse.Namespace) -> int:
+    from relay.testing.fake_aircall import run_from_cli
+
+    return run_from_cli(args)
+
+
+def command_reconcile(args: argparse.Namespace) -> int:
+    settings = build_settings(args)
+    settings.require_aircall_api()  # else exit 2, the message naming the settings
+    # The report is on stdout, the progress and the logs on stderr.
+    configure_logging(settings.log_format, "warning", settings.secrets(), stream=sys.stderr)
+    asyncio.run(require_schema_at_head(settings))
+    return run_reconcile(args, settings)
 
 
 def command_check(args: argparse.Namespace) -> int:
@@ -354,6 +396,49 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fake.set_defaults(handler=command_fake_segment)
 
+    fake_aircall = commands.add_parser(
+        "fake-aircall",
+        help="a local fake of Aircall's Public API (calls, webhooks, its rate limit), for trials",
+    )
+    fake_aircall.add_argument("--host", default="127.0.0.1", help="address to bind")
+    fake_aircall.add_argument(
+        "--port", type=int, default=0, help="port to bind; 0 (the default) picks a free one"
+    )
+    fake_aircall.add_argument("--api-id", required=True, help="the API id it accepts")
+    fake_aircall.add_argument(
+        "--api-token",
+        required=True,
+        help="the API token it accepts (a made-up one: this is a fake)",
+    )
+    fake_aircall.add_argument(
+        "--requests-per-minute",
+        type=int,
+        default=60,
+        metavar="N",
+        help="answer 429 past N requests a minute, like Aircall (default 60; 0: no limit)",
+    )
+    fake_aircall.add_argument(
+        "--calls",
+        type=int,
+        default=0,
+        metavar="N",
+        help="load N calls built from the call.ended sample, one a minute until now",
+    )
+    fake_aircall.add_argument(
+        "--webhook",
+        dest="webhooks",
+        action="append",
+        default=[],
+        metavar="URL=TOKEN",
+        help="load a webhook to URL whose token is TOKEN, subscribed to every event (repeatable)",
+    )
+    fake_aircall.add_argument(
+        "--inactive",
+        action="store_true",
+        help="load the webhooks inactive, as if Aircall had disabled them",
+    )
+    fake_aircall.set_defaults(handler=command_fake_aircall)
+
     demo = commands.add_parser(
         "demo",
         help="a first run: relay and fake Segment on free ports, the sample call posted shuffled",
@@ -368,6 +453,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_outbox_commands(commands)
     commands.choices["outbox"].set_defaults(handler=command_outbox)
+
+    add_aircall_commands(commands)
+    commands.choices["aircall"].set_defaults(handler=command_aircall)
+    add_reconcile_command(commands).set_defaults(handler=command_reconcile)
 
     migrate = commands.add_parser("migrate", help="create or upgrade the outbox schema")
     migrate.set_defaults(handler=command_migrate)

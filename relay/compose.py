@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from prometheus_client import CollectorRegistry
 
+from relay.aircall_api import AircallApi
 from relay.db.delivery import DeliveryStore
 from relay.db.engine import create_engine
 from relay.db.inspect import OutboxInspector
@@ -26,6 +27,7 @@ from relay.drainer.metrics import DrainerMetrics
 from relay.drainer.metrics_server import MetricsServer
 from relay.drainer.retention import RetentionPolicy, run_retention
 from relay.drainer.sender import SegmentSender
+from relay.drainer.webhook_probe import WebhookProbe
 from relay.logs import configure_logging, get_logger
 from relay.segment import MappingOptions
 from relay.settings import Settings, load_settings
@@ -122,6 +124,53 @@ def retention_task(settings: Settings, drainer: Drainer) -> Callable[[], Corouti
     policy = RetentionPolicy.from_settings(settings)
     inspector = OutboxInspector(drainer.store.engine)
     return functools.partial(run_retention, inspector, policy, utc_now)
+
+
+def aircall_probe_task(
+    settings: Settings, drainer: Drainer
+) -> Callable[[], Coroutine[Any, Any, None]]:
+    """The drainer's probe of Aircall's webhooks (relay/drainer/webhook_probe.py); when it is off
+    (RELAY_AIRCALL_PROBE_SECONDS=0, or a setting it needs is not set) the task says why, once,
+    and returns."""
+    off = None
+    if settings.aircall_probe_seconds == 0:
+        off = "RELAY_AIRCALL_PROBE_SECONDS is 0"
+    elif not settings.aircall_api_configured():
+        missing = [
+            name
+            for name, value in (
+                ("RELAY_AIRCALL_API_ID", settings.aircall_api_id),
+                ("RELAY_AIRCALL_API_TOKEN", settings.aircall_api_token),
+            )
+            if value is None
+        ]
+        off = f"{' and '.join(missing)} not set"
+    elif not settings.aircall_tokens:
+        off = "RELAY_AIRCALL_TOKENS is not set: no webhook to look for"
+
+    async def probe() -> None:
+        if off is not None:
+            log.info("aircall_probe_off", reason=off)
+            return
+        try:
+            async with AircallApi.from_settings(settings) as api:
+                log.info(
+                    "aircall_probe_started",
+                    aircall_api_url=api.base_url,
+                    every_s=settings.aircall_probe_seconds,
+                    labels=[token.label for token in settings.aircall_tokens],
+                )
+                await WebhookProbe(
+                    api,
+                    settings.aircall_tokens,
+                    settings.forward_events,
+                    drainer.metrics,
+                    settings.aircall_probe_seconds,
+                ).run_forever()
+        except Exception as error:  # a bug of the probe's own: delivery goes on without it
+            log.error("aircall_probe_stopped", error=f"{type(error).__name__}: {error}"[:500])
+
+    return probe
 
 
 async def close_drainer(drainer: Drainer) -> None:

@@ -8,11 +8,13 @@ into an exception message is still not written.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import Iterable, MutableMapping
 from typing import Any, Final, TextIO
 
+import orjson
 import structlog
 
 REDACTED: Final[str] = "[redacted]"
@@ -45,12 +47,33 @@ class Redactor:
     def __call__(
         self, logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
     ) -> MutableMapping[str, Any]:
-        for key in list(event_dict):
+        # Once per logged field, one per webhook line: numbers, booleans and None hold no
+        # secret, and a string with none of them is kept as it is (docs/performance.md).
+        secrets = self._secrets
+        for key, value in event_dict.items():  # values replaced, no key added or removed
             if key.lower() in SECRET_KEYS:
                 event_dict[key] = REDACTED
-            else:
-                event_dict[key] = self._scrub(event_dict[key])
+            elif type(value) is str:
+                for secret in secrets:
+                    if secret in value:
+                        event_dict[key] = self._scrub(value)
+                        break
+            elif type(value) not in _PLAIN:
+                event_dict[key] = self._scrub(value)
         return event_dict
+
+
+_PLAIN: Final = frozenset({int, float, bool, type(None)})
+
+
+def _json_line(value: Any, **options: Any) -> str:
+    """One log line's JSON: orjson (about a tenth of the standard encoder's time), compact, UTF-8
+    as is; what orjson refuses (an integer beyond 64 bits, a lone surrogate) the standard
+    library writes, with the same fallback for objects JSON has no type for."""
+    try:
+        return orjson.dumps(value, default=options.get("default")).decode("utf-8")
+    except TypeError:
+        return json.dumps(value, **options)
 
 
 def configure_logging(
@@ -65,7 +88,7 @@ def configure_logging(
     renderer: Any = (
         structlog.dev.ConsoleRenderer(colors=stream.isatty())
         if console
-        else structlog.processors.JSONRenderer(sort_keys=False)
+        else structlog.processors.JSONRenderer(_json_line, sort_keys=False)
     )
     redactor = Redactor(secrets)
     numeric_level = getattr(logging, level.upper(), logging.INFO)

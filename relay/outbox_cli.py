@@ -23,6 +23,7 @@ from relay.aircall import CONTROL_CHARACTERS
 from relay.database_url import normalise_database_url
 from relay.db.engine import create_engine
 from relay.db.inspect import EventFilter, OutboxInspector
+from relay.db.tables import utc_datetime
 from relay.db.transfer import TransferError, copy_outbox
 from relay.json_text import indent_json
 from relay.progress import ProgressDisplay
@@ -228,9 +229,10 @@ async def _stats(args: argparse.Namespace, inspector: OutboxInspector, settings:
         "call_ended_timeout_seconds": settings.call_ended_timeout_seconds,
         "delivery_requests_last_hour": stats.delivery_requests_last_hour,
         "by_event": stats.by_event,
+        "last_reconcile_run": stats.last_reconcile_run,
     }
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(report, indent=2, default=_json_default))
         return EXIT_OK
     print(
         "rows by status:   "
@@ -243,6 +245,7 @@ async def _stats(args: argparse.Namespace, inspector: OutboxInspector, settings:
         f"{stats.calls_awaiting_call_ended} call(s)"
     )
     print("requests, last hour: " + (_pairs(stats.delivery_requests_last_hour) or "none"))
+    print("last reconcile:   " + _describe_reconcile_run(stats.last_reconcile_run, now))
     print()
     rows = [
         {"event": event, **{status: counts.get(status, 0) for status in STATUSES}}
@@ -250,6 +253,23 @@ async def _stats(args: argparse.Namespace, inspector: OutboxInspector, settings:
     ]
     print(_table(rows, ["event", *STATUSES]) if rows else "the outbox is empty")
     return EXIT_OK
+
+
+def _describe_reconcile_run(run: dict[str, Any] | None, now: datetime) -> str:
+    """The latest row of `reconcile_runs` on one line (the view `last_reconcile_run` has it
+    in SQL)."""
+    if run is None:
+        return "never (aircall-relay reconcile)"
+    finished = utc_datetime(run["finished_at"])
+    since, until = utc_datetime(run["window_since"]), utc_datetime(run["window_until"])
+    hours = (until - since).total_seconds() / 3600
+    ago = round((now - finished).total_seconds() / 60)
+    return (
+        f"{run['outcome']}, {ago} min ago ({hours:g} h window): {run['calls_seen']} calls, "
+        f"{run['missing']} missing, {run['awaiting_call_ended']} awaiting call.ended, "
+        f"{run['backfilled']} back-filled, {run['errors']} errors"
+        + (f"; {run['error']}" if run["error"] else "")
+    )
 
 
 async def _list(args: argparse.Namespace, inspector: OutboxInspector, settings: Settings) -> int:

@@ -37,6 +37,7 @@ class ClaimedEvent(NamedTuple):
     # claim fail.
     payload: str
     attempts: int
+    origin: str = "webhook"  # or "reconciled": a call.ended back-filled by `reconcile`
 
 
 # Heads of keys read by a claim's first query; the next pages are sized on the events per head

@@ -24,6 +24,7 @@ from relay.db.claim import RELEASE_EXPIRED_EVERY, ClaimedEvent, ClaimOrder, Clai
 from relay.db.delivery_sql import Statements
 from relay.db.engine import not_abandoned, writer
 from relay.db.notify import notify_statement
+from relay.db.reconcile import SkipRule, skip_second_call_ended
 from relay.db.send_budget import BudgetStatements, SendLimits, TakenBudget
 from relay.db.sqlite_writer import SqliteWriter
 from relay.db.tables import awaiting_call_ended, outbox, utc_datetime
@@ -224,6 +225,14 @@ class DeliveryStore:
             )
 
         return await self._write(work)
+
+    async def skip_second_call_ended(
+        self, owner: str, ids: Sequence[int], rule: SkipRule
+    ) -> dict[int, str]:
+        """Claimed `call.ended` rows whose call has its one: skipped (relay/db/reconcile.py)."""
+        return await self._write(
+            functools.partial(skip_second_call_ended, owner=owner, ids=ids, rule=rule)
+        )
 
     # -- the deployment's budget toward Segment ----------------------------------------------
 

@@ -63,6 +63,7 @@ CLAIM_COLUMNS = (
     # As text (a no-op on SQLite; `json::text` on PostgreSQL is the text as stored).
     sa.cast(outbox.c.payload, sa.Text()).label("payload"),
     outbox.c.attempts,
+    outbox.c.origin,
 )
 
 

@@ -20,6 +20,7 @@ from relay.aircall import MESSAGE_ID_PREFIX
 from relay.db.engine import not_abandoned, writer
 from relay.db.gauges import count_calls_awaiting_call_ended
 from relay.db.notify import notify_statement
+from relay.db.reconcile import last_run as last_reconcile_run
 from relay.db.tables import delivery_requests, outbox, utc_datetime
 from relay.progress import ProgressCallback
 
@@ -85,6 +86,7 @@ class OutboxStats:
     dead: int = 0
     calls_awaiting_call_ended: int = 0
     delivery_requests_last_hour: dict[str, int] = field(default_factory=dict)
+    last_reconcile_run: dict[str, Any] | None = None  # a row of reconcile_runs
 
 
 class OutboxInspector:
@@ -122,6 +124,7 @@ class OutboxInspector:
                 .group_by(delivery_requests.c.outcome)
             )
             result.delivery_requests_last_hour = {row.outcome: int(row.n) for row in requests}
+            result.last_reconcile_run = await last_reconcile_run(connection)
         return result
 
     async def list_events(self, where: EventFilter, limit: int) -> list[dict[str, Any]]:

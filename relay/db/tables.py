@@ -114,6 +114,15 @@ outbox = sa.Table(
     sa.Column("delivered_at", UtcDateTime(), nullable=True),
     sa.Column("request_id", sa.String(64), nullable=True, comment="delivery_requests.id"),
     sa.Column("late", sa.Boolean(), nullable=False, server_default=sa.false()),
+    # Where the row came from (migration 0008): `webhook` (the receiver) or `reconciled` (a
+    # `call.ended` back-filled by `aircall-relay reconcile --backfill` from Aircall's API).
+    sa.Column(
+        "origin",
+        sa.String(16),
+        nullable=False,
+        server_default=sa.text("'webhook'"),
+        comment="webhook or reconciled",
+    ),
     # message_id is "aircall-" + dedup_key: unique because dedup_key is (migration 0004 dropped
     # its own unique index). Look a messageId up by `dedup_key = substr(message_id, 9)`.
     sa.UniqueConstraint("dedup_key"),
@@ -142,6 +151,7 @@ outbox = sa.Table(
     ),
     sa.CheckConstraint("status <> 'dead' OR last_error IS NOT NULL", name="dead_has_reason"),
     sa.CheckConstraint("status <> 'skipped' OR last_error IS NOT NULL", name="skipped_has_reason"),
+    sa.CheckConstraint("origin IN ('webhook', 'reconciled')", name="origin"),
     # Hung-up calls by key, with their receipt: the search for calls still awaiting
     # `call.ended` (drainer, gauges, the view) reads only this, for `call.hungup` rows only
     # (migration 0005; queries must spell the event as this literal for the index to apply).
@@ -200,4 +210,35 @@ rate_limits = sa.Table(
     sa.Column(
         "paused_until", UtcDateTime(), nullable=True, comment="a 429's pause: none sent before"
     ),
+)
+
+# One row per `aircall-relay reconcile` (migration 0008): the window compared with Aircall's
+# calls, what was found and done, and how the run ended; the audit trail of completeness, in SQL
+# (relay/db/reconcile.py writes it; the view `last_reconcile_run` shows the latest).
+reconcile_runs = sa.Table(
+    "reconcile_runs",
+    metadata,
+    sa.Column("id", Id, sa.Identity(), primary_key=True),
+    sa.Column("window_since", UtcDateTime(), nullable=False, comment="calls started from"),
+    sa.Column("window_until", UtcDateTime(), nullable=False, comment="calls started before"),
+    sa.Column("backfill", sa.Boolean(), nullable=False, comment="run with --backfill"),
+    sa.Column("calls_seen", sa.Integer(), nullable=False, comment="calls Aircall listed"),
+    sa.Column("missing", sa.Integer(), nullable=False, comment="ended calls with no outbox row"),
+    sa.Column(
+        "awaiting_call_ended",
+        sa.Integer(),
+        nullable=False,
+        comment="ended calls past the grace with rows but no call.ended",
+    ),
+    sa.Column("not_yet_due", sa.Integer(), nullable=False, comment="ongoing or within grace"),
+    sa.Column("backfilled", sa.Integer(), nullable=False, comment="call.ended rows stored"),
+    sa.Column("errors", sa.Integer(), nullable=False, comment="calls that could not be judged"),
+    sa.Column("started_at", UtcDateTime(), nullable=False),
+    sa.Column("finished_at", UtcDateTime(), nullable=False),
+    sa.Column(
+        "outcome", sa.String(16), nullable=False, comment="complete, incomplete, errors, failed"
+    ),
+    sa.Column("error", sa.Text(), nullable=True, comment="why the run failed"),
+    sa.Index("ix_reconcile_runs_started_at", "started_at"),
+    sqlite_autoincrement=True,
 )

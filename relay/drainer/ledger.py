@@ -29,6 +29,7 @@ from relay.drainer.metrics import DrainerMetrics
 from relay.drainer.policy import (
     WRITE_RETRY_FIRST_SECONDS,
     next_write_retry_seconds,
+    second_call_ended,
     write_retry_window_seconds,
 )
 from relay.logs import get_logger
@@ -140,6 +141,14 @@ class Ledger:
         )
         self.summary.dead += dead
         return dead
+
+    async def skip_second_call_ended(self, ids: Sequence[int]) -> dict[int, str]:
+        """Of the claimed `call.ended` rows `ids`, skip those whose call has its one already
+        (`policy.second_call_ended`); returns {id: reason} of the rows skipped."""
+        return await self.retrying(
+            "skip_call_ended",
+            lambda: self.store.skip_second_call_ended(self.owner, ids, second_call_ended),
+        )
 
     async def take_send_budget(self, limits: SendLimits, events: int) -> TakenBudget:
         return await self.retrying(

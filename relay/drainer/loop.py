@@ -161,7 +161,6 @@ class Drainer:
         self.reachability = Reachability(base_url, clock, config.unreachable_alert_seconds)
         self.call_ended = CallEndedWatch(
             store,
-            self.metrics,
             clock,
             config.call_ended_timeout_seconds,
             config.call_ended_check_seconds,
@@ -284,6 +283,7 @@ class Drainer:
     async def _dispatch(
         self, group: anyio.abc.TaskGroup, claimed: Sequence[ClaimedEvent], free: int
     ) -> None:
+        claimed = await self._without_second_call_ended(claimed)
         prepared, unsendable = self._map(claimed)
         if unsendable:
             groups = [DeadRows(ids=[row.id], reason=str(error)) for row, error in unsendable]
@@ -318,6 +318,28 @@ class Drainer:
             self.metrics.in_flight.set(self._in_flight)
             group.start_soon(self._deliver, handle, batch.items)
 
+    async def _without_second_call_ended(
+        self, claimed: Sequence[ClaimedEvent]
+    ) -> Sequence[ClaimedEvent]:
+        """The claim without the `call.ended` rows whose call has its one already (a back-filled
+        row and Aircall's own: docs/architecture.md, "Reconciliation"), which become skipped."""
+        ids = [row.id for row in claimed if row.event == "call.ended"]
+        if not ids:
+            return claimed
+        skipped = await self.ledger.skip_second_call_ended(ids)
+        if not skipped:
+            return claimed
+        for row in claimed:
+            if row.id in skipped:
+                log.info(
+                    "call_ended_skipped",
+                    id=row.id,
+                    ordering_key=row.ordering_key,
+                    origin=row.origin,
+                    reason=skipped[row.id],
+                )
+        return [row for row in claimed if row.id not in skipped]
+
     def _map(
         self, claimed: Sequence[ClaimedEvent]
     ) -> tuple[list[Prepared], list[tuple[ClaimedEvent, UnsendableEvent]]]:
@@ -331,6 +353,7 @@ class Drainer:
                 resource_id=row.resource_id,
                 occurred_at=row.occurred_at,
                 payload=row.payload,
+                origin=row.origin,
             )
             try:
                 prepared.append(Prepared(row, to_track_message(event, self.mapping).encoded))

@@ -1,9 +1,19 @@
-"""The drainer's Prometheus metrics, in a registry of its own."""
+"""The drainer's Prometheus metrics, in a registry of its own.
+
+The outbox's state (rows by status, the oldest pending age, calls awaiting `call.ended`) is the
+receiver's to export: it reads it from the database at each scrape (`relay/db/gauges.py`), the
+same whichever process asks, so the drainer exports none of it.
+"""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+# What the drainer waits on before a request (`relay_rate_limit_wait_seconds_total{cause}`): a
+# 429's Retry-After (its own, or another drainer's through the shared budget), or its turn in the
+# token buckets.
+RATE_LIMIT_WAIT_CAUSES = ("retry_after", "token_bucket")
 
 
 class DrainerMetrics:
@@ -45,6 +55,10 @@ class DrainerMetrics:
             ["cause"],
             registry=registry,
         )
+        # Exported at 0 from the start, so that the dashboard's panel shows data before the first
+        # wait and `rate()` counts that first wait (a series born at its first value hides it).
+        for cause in RATE_LIMIT_WAIT_CAUSES:
+            self.rate_limit_wait.labels(cause=cause)
         self.rate_limited = Counter(
             "relay_segment_rate_limited", "429 answers from Segment.", registry=registry
         )
@@ -54,9 +68,17 @@ class DrainerMetrics:
             ["reason"],
             registry=registry,
         )
-        self.awaiting_call_ended = Gauge(
-            "relay_calls_awaiting_call_ended",
-            "Calls whose call.hungup is older than the timeout with no call.ended received.",
+        self.aircall_webhook_active = Gauge(
+            "relay_aircall_webhook_active",
+            "1 when an active Aircall webhook carries the label's token, 0 when none does, as of "
+            "the last probe of Aircall's Public API (RELAY_AIRCALL_PROBE_SECONDS).",
+            ["label"],
+            registry=registry,
+        )
+        self.aircall_probe_failures = Counter(
+            "relay_aircall_probe_failures",
+            "Probes of Aircall's webhooks that failed, by reason (credentials, api, error).",
+            ["reason"],
             registry=registry,
         )
         self.in_flight = Gauge(

@@ -3,7 +3,8 @@
 - `HeldRows`, `renew_leases_forever`: the rows it holds a lease on, renewed every third of a lease
   while their requests are in flight.
 - `CallEndedWatch`: calls that got `call.hungup` and no `call.ended` within the timeout (a
-  warning per call, the gauge `relay_calls_awaiting_call_ended`).
+  warning per call; their number is the receiver's gauge `relay_outbox_calls_awaiting_call_ended`,
+  read from the database at each scrape).
 - `Reachability`: Segment giving no answer at all (`segment_unreachable`, once per outage, and
   `segment_reachable` at its end).
 - `report_paused_without_write_key`: without a write key, the backlog, every 5 minutes.
@@ -73,7 +74,6 @@ async def renew_leases_forever(
 @dataclass
 class CallEndedWatch:
     store: DeliveryStore
-    metrics: DrainerMetrics
     clock: Callable[[], datetime]
     timeout_seconds: float
     period_seconds: float
@@ -90,11 +90,10 @@ class CallEndedWatch:
             await anyio.sleep(self.period_seconds)
 
     async def check(self) -> list[str]:
-        """Log each call newly found waiting for `call.ended` past the timeout; set the gauge."""
+        """Log each call newly found waiting for `call.ended` past the timeout."""
         cutoff = self.clock() - timedelta(seconds=self.timeout_seconds)
         awaiting = await self.store.calls_awaiting_ended(cutoff)
         keys = {call.ordering_key for call in awaiting}
-        self.metrics.awaiting_call_ended.set(len(keys))
         for call in awaiting:
             if call.ordering_key not in self._reported:
                 log.warning(

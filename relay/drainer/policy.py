@@ -13,9 +13,11 @@ from __future__ import annotations
 import email.utils
 import enum
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+
+from relay.db.reconcile import CallEndedRow
 
 
 class Verdict(enum.Enum):
@@ -241,3 +243,56 @@ class Concurrency:
         if self._successes >= self.recover_after:
             self.current += 1
             self._successes = 0
+
+
+def second_call_ended(claimed: Sequence[int], rows: Sequence[CallEndedRow]) -> dict[int, str]:
+    """Which claimed `call.ended` rows to skip, so that exactly one `call.ended` per call reaches
+    Segment when the outbox holds two: Aircall's own (origin `webhook`) and one back-filled by
+    `reconcile --backfill` (origin `reconciled`). `rows` are every `call.ended` row of the
+    claimed rows' calls; returns {claimed id: reason}.
+
+    A claimed row gives way to a row of the other origin that may have reached Segment already
+    (delivered, or retried after a failed attempt, whose request Segment may have taken), and a
+    webhook row to a reconciled row that has not been sent yet either: the back-filled row came
+    first (reconcile never back-fills a call that has a `call.ended`), so it is the one that
+    goes, and the late webhook stays on record as `skipped`. Rows `dead` or `skipped` count for
+    nothing. Two rows of the same origin are left alone: two webhooks of one call that differ
+    are two events Aircall sent, as before reconciliation existed.
+    """
+    by_key: dict[str, list[CallEndedRow]] = {}
+    for row in rows:
+        by_key.setdefault(row.ordering_key, []).append(row)
+    mine = set(claimed)
+    skipped: dict[int, str] = {}
+    for row in rows:
+        if row.id not in mine:
+            continue
+        rivals = [
+            other
+            for other in by_key[row.ordering_key]
+            if other.id != row.id and other.origin != row.origin
+        ]
+        sent = [other for other in rivals if _may_have_reached_segment(other)]
+        waiting = [
+            other
+            for other in rivals
+            if other.origin == "reconciled" and other.status in ("pending", "delivering")
+        ]
+        if sent:
+            winner = sent[0]
+        elif row.origin == "webhook" and row.attempts == 0 and waiting:
+            winner = waiting[0]
+        else:
+            continue
+        what = "back-filled by reconcile" if winner.origin == "reconciled" else "Aircall's own"
+        skipped[row.id] = (
+            f"a second call.ended of this call: outbox row {winner.id} ({what}, origin "
+            f"{winner.origin}) is the one sent to Segment"
+        )
+    return skipped
+
+
+def _may_have_reached_segment(row: CallEndedRow) -> bool:
+    return row.status == "delivered" or (
+        row.status in ("pending", "delivering") and row.attempts > 0
+    )

@@ -17,8 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from prometheus_client import CollectorRegistry
-from quart import Quart, Response, request
-from werkzeug.exceptions import RequestEntityTooLarge
+from quart import Quart, Response
 
 from relay import aircall
 from relay.db.gauges import OutboxGauges, read_outbox_gauges
@@ -27,6 +26,13 @@ from relay.logs import get_logger
 from relay.receiver.batcher import BatcherUnavailable, CommitBatcher
 from relay.receiver.metrics import ReceiverMetrics
 from relay.receiver.tokens import TokenTable
+from relay.receiver.webhook import (
+    Answer,
+    BodyTooLarge,
+    ReceiverRoutes,
+    WebhookRequest,
+    wait_unless_disconnected,
+)
 from relay.settings import Settings
 
 RETRY_AFTER_SECONDS = "5"
@@ -50,17 +56,6 @@ class ReceiverState:
     metrics_port: int | None = None
 
 
-def _error(status: int, error: str, detail: str, **headers: str) -> Response:
-    response = Response(
-        _json_text({"error": error, "detail": detail}),
-        status=status,
-        content_type="application/json",
-    )
-    for name, value in headers.items():
-        response.headers[name.replace("_", "-")] = value
-    return response
-
-
 def _json_text(value: dict[str, Any]) -> str:
     return aircall.canonical_json(value)
 
@@ -75,7 +70,8 @@ def create_app(
 ) -> Quart:
     """The receiver app; `/metrics` also renders `extra_metrics` (`run`: the drainer's)."""
     app = Quart("relay.receiver")
-    # Quart enforces this while reading the body, including chunked bodies with no length.
+    # The webhook route enforces the limit itself (`WebhookRequest.body`); Quart's other routes
+    # take no body, and this keeps them from reading a large one.
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     receiver_metrics = ReceiverMetrics()
     state = ReceiverState(
@@ -116,37 +112,25 @@ def create_app(
         if on_shutdown is not None:
             await on_shutdown()
 
-    @app.before_request
-    async def metrics_port_serves_only_metrics() -> Response | None:
-        """`/metrics` is answered on its own port (`RELAY_RECEIVER_METRICS_PORT`, loopback by
-        default) and nothing else is: the webhook port, usually public, never shows the metrics
-        nor makes the database reads behind them."""
-        server = request.server
-        on_metrics_port = (
-            state.metrics_port is not None
-            and server is not None
-            and server[1] == state.metrics_port
-        )
-        if on_metrics_port == (request.path == "/metrics"):
-            return None
-        if on_metrics_port:
-            return _error(404, "not_found", "this port serves only GET /metrics")
-        return _error(404, "not_found", "/metrics is served on RELAY_RECEIVER_METRICS_PORT")
-
-    @app.post(settings.webhook_path)
-    async def webhook() -> Response:
+    async def webhook(request: WebhookRequest) -> Answer:
         started = time.perf_counter()
-        response, fields = await _handle_webhook(state)
+        answer, fields = await handle_webhook(state, request)
         elapsed_ms = round((time.perf_counter() - started) * 1000, 2)
         outcome = fields.pop("outcome")
         state.metrics.observe(
             event=fields.get("aircall_event"), outcome=outcome, seconds=elapsed_ms / 1000
         )
-        level = "info" if response.status_code < 500 else "error"
+        level = "info" if answer.status < 500 else "error"
         getattr(log, level)(
-            "webhook", outcome=outcome, status=response.status_code, ms=elapsed_ms, **fields
+            "webhook", outcome=outcome, status=answer.status, ms=elapsed_ms, **fields
         )
-        return response
+        return answer
+
+    # The webhook route and the rule of the metrics port, in front of Quart's routes
+    # (relay/receiver/webhook.py). Quart's own `__call__` calls `asgi_app`.
+    app.asgi_app = ReceiverRoutes(  # type: ignore[method-assign]
+        app.asgi_app, settings.webhook_path, webhook, lambda: state.metrics_port
+    )
 
     @app.get("/healthz")
     async def healthz() -> Response:
@@ -191,36 +175,41 @@ async def _read_outbox_gauges(state: ReceiverState) -> None:
     state.metrics.outbox.update(gauges, now)
 
 
-async def _handle_webhook(state: ReceiverState) -> tuple[Response, dict[str, Any]]:
+async def handle_webhook(
+    state: ReceiverState, request: WebhookRequest
+) -> tuple[Answer, dict[str, Any]]:
     """Answer one webhook; also return the fields of its log line (never the body or token)."""
     if request.mimetype != "application/json":
         shown = request.mimetype or "none"
-        return _error(415, "unsupported_media_type", f"expected application/json, got {shown}"), {
-            "outcome": "unsupported_media_type"
-        }
+        return Answer.error(
+            415, "unsupported_media_type", f"expected application/json, got {shown}"
+        ), {"outcome": "unsupported_media_type"}
     limit = state.settings.max_body_bytes
     length = request.content_length
     if length is not None and length > limit:
         return _too_large(length, limit)
     try:
-        raw: bytes = await request.get_data(cache=False, as_text=False, parse_form_data=False)
-    except RequestEntityTooLarge:
+        raw = await request.body(limit)
+    except BodyTooLarge:
         return _too_large(None, limit)
     try:
         body = aircall.parse_body(raw)
     except aircall.BodyError as error:
-        return _error(400, "invalid_body", str(error)), {"outcome": "invalid_body"}
+        return Answer.error(400, "invalid_body", str(error)), {"outcome": "invalid_body"}
 
     token = aircall.take_token(body)
     source = state.tokens.label_for(token)
     if source is None:
         detail = "token missing" if token is None else "token unknown"
-        return _error(401, "unauthorized", detail), {"outcome": "unauthorized", "detail": detail}
+        return Answer.error(401, "unauthorized", detail), {
+            "outcome": "unauthorized",
+            "detail": detail,
+        }
 
     try:
         envelope = aircall.validate_envelope(body, parsed=True)
     except aircall.EnvelopeError as error:
-        return _error(400, "invalid_envelope", str(error)), {
+        return Answer.error(400, "invalid_envelope", str(error)), {
             "outcome": "invalid_envelope",
             "source": source,
             "detail": str(error),
@@ -248,13 +237,13 @@ async def _handle_webhook(state: ReceiverState) -> tuple[Response, dict[str, Any
         "source": source,
     }
     try:
-        stored = await state.batcher.submit(incoming)
+        stored = await wait_unless_disconnected(request, state.batcher.submit(incoming))
     except BatcherUnavailable as error:  # closed, overloaded, timed out, writer restarting
         fields.update(outcome="unavailable", detail=str(error))
-        return _error(503, "unavailable", str(error), Retry_After=RETRY_AFTER_SECONDS), fields
+        return Answer.error(503, "unavailable", str(error), Retry_After=RETRY_AFTER_SECONDS), fields
     except Exception as error:  # nothing was committed: Aircall retries after a 503
         fields.update(outcome="database_error", detail=f"{type(error).__name__}: {error}")
-        return _error(
+        return Answer.error(
             503,
             "database_unavailable",
             "the outbox database did not take the event; retry later",
@@ -268,8 +257,7 @@ async def _handle_webhook(state: ReceiverState) -> tuple[Response, dict[str, Any
     else:
         outcome = "stored"
     fields.update(outcome=outcome, duplicate=stored.duplicate, id=stored.id)
-    body_out = {"status": outcome, "id": stored.id}
-    return Response(_json_text(body_out), content_type="application/json"), fields
+    return Answer(200, {"status": outcome, "id": stored.id}), fields
 
 
 def commit_wait_seconds(settings: Settings) -> float:
@@ -283,8 +271,8 @@ def _event_identity(event: IncomingEvent) -> str:
     return event.dedup_key
 
 
-def _too_large(length: int | None, limit: int) -> tuple[Response, dict[str, Any]]:
+def _too_large(length: int | None, limit: int) -> tuple[Answer, dict[str, Any]]:
     size = f"{length} bytes" if length is not None else "the body"
-    return _error(413, "payload_too_large", f"{size} is over the limit of {limit} bytes"), {
+    return Answer.error(413, "payload_too_large", f"{size} is over the limit of {limit} bytes"), {
         "outcome": "payload_too_large"
     }

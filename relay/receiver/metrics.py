@@ -69,13 +69,40 @@ class OutboxCollector(Collector):
             "relay_outbox_oldest_pending_age_seconds",
             "Age (since receipt) of the oldest pending or delivering row; 0 when none.",
         )
+        # The relay's one gauge of these calls (the drainer logs each, and exports none).
         awaiting = GaugeMetricFamily(
             "relay_outbox_calls_awaiting_call_ended",
             "Calls whose call.hungup is older than RELAY_CALL_ENDED_TIMEOUT_SECONDS with no "
             "call.ended received, read from the database.",
         )
+        avail = GaugeMetricFamily(
+            "relay_outbox_filesystem_avail_bytes",
+            "SQLite only: bytes available to the relay's user on the filesystem that holds "
+            "the database file.",
+        )
+        size = GaugeMetricFamily(
+            "relay_outbox_filesystem_size_bytes",
+            "SQLite only: size in bytes of the filesystem that holds the database file.",
+        )
+        reconciled_at = GaugeMetricFamily(
+            "relay_reconcile_last_run_timestamp_seconds",
+            "When the last `aircall-relay reconcile` run ended (UNIX time), from reconcile_runs; "
+            "absent when none ran.",
+        )
+        reconciled_complete = GaugeMetricFamily(
+            "relay_reconcile_last_run_complete",
+            "1 when the last reconcile run found every ended call with its call.ended (or "
+            "back-filled it), 0 when calls were left without, or the run failed.",
+        )
+        reconciled_calls = GaugeMetricFamily(
+            "relay_reconcile_last_run_calls",
+            "Calls of the last reconcile run: missing (no row), awaiting_call_ended (rows but "
+            "no call.ended past the grace), backfilled (call.ended stored from Aircall's API).",
+            labels=["verdict"],
+        )
+        reconcile = [reconciled_at, reconciled_complete, reconciled_calls]
         if read_at is None:  # describe(): the names only
-            return [up, rows, oldest, awaiting]
+            return [up, rows, oldest, awaiting, avail, size, *reconcile]
         up.add_metric([], 0.0 if gauges is None else 1.0)
         if gauges is None:
             return [up]
@@ -86,7 +113,19 @@ class OutboxCollector(Collector):
             [], 0.0 if received is None else max(0.0, (read_at - received).total_seconds())
         )
         awaiting.add_metric([], float(gauges.calls_awaiting_call_ended))
-        return [up, rows, oldest, awaiting]
+        families: list[Metric] = [up, rows, oldest, awaiting]
+        if gauges.filesystem is not None:  # PostgreSQL: no file of the relay's to watch
+            avail.add_metric([], float(gauges.filesystem.avail_bytes))
+            size.add_metric([], float(gauges.filesystem.size_bytes))
+            families += [avail, size]
+        run = gauges.last_reconcile
+        if run is None:
+            return families
+        reconciled_at.add_metric([], run.finished_at.timestamp())
+        reconciled_complete.add_metric([], 1.0 if run.complete else 0.0)
+        for verdict in ("missing", "awaiting_call_ended", "backfilled"):
+            reconciled_calls.add_metric([verdict], float(getattr(run, verdict)))
+        return [*families, *reconcile]
 
 
 class ReceiverMetrics:

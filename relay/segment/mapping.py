@@ -10,7 +10,8 @@ Pure code: no I/O, no clock. The message:
   renamed by the rules of relay/segment/rules.py (`rename_properties`).
 - `timestamp` is Aircall's timestamp, ISO-8601 UTC with milliseconds and `Z`; no `sentAt` in the
   message (encode_batch sets it per request).
-- `context` is `{"library": {...}}`, plus `{"aircall_relay": {"trimmed": [...]}}` after a trim.
+- `context` is `{"library": {...}}`, plus `{"aircall_relay": {"trimmed": [...]}}` after a trim,
+  and `{"aircall_relay": {"origin": "reconciled"}}` for a `call.ended` back-filled by reconcile.
 - Size: over `max_message_bytes`, the heavy arrays that relay/segment/rules.py lists are trimmed
   in its passes, re-measuring after each step. Still too large: UnsendableEvent `too_large`.
 - Checked as Segment checks it (relay/segment/validation.py), and encoded
@@ -61,6 +62,9 @@ class OutboxEvent:
     # {"resource", "event", "timestamp", "data"}, token removed: parsed, or the stored JSON text
     # (what the drainer passes: mapping parses it, faster, see decode_payload).
     payload: Mapping[str, Any] | str | bytes
+    # "webhook", or "reconciled" (a call.ended back-filled by `reconcile`): sent as
+    # context.aircall_relay.origin, for the latter only (docs/mapping.md).
+    origin: str = "webhook"
 
     def __post_init__(self) -> None:
         # A naive datetime is a bug in the caller, not a property of the event: fail loudly here
@@ -158,7 +162,11 @@ def _to_track_message(
         "timestamp": format_timestamp(event.occurred_at),
     }
     library = {"name": options.library_name, "version": options.library_version}
-    message = {**head, "properties": properties, "context": {"library": library}}
+    relay_context = {} if event.origin == "webhook" else {"origin": event.origin}
+    context: dict[str, Any] = {"library": library}
+    if relay_context:
+        context["aircall_relay"] = relay_context
+    message = {**head, "properties": properties, "context": context}
     if not valid_as_built(event.event, event.message_id, identity_value):
         codes = validate_message(message)
         if codes:
@@ -173,7 +181,9 @@ def _to_track_message(
         encoded = encode_message(message, False)
     if len(encoded) <= options.max_message_bytes:
         return TrackMessage(message=message, encoded=encoded, trimmed=())
-    return _trimmed_to_fit(event.resource, head, properties, library, len(encoded), options)
+    return _trimmed_to_fit(
+        event.resource, head, properties, library, relay_context, len(encoded), options
+    )
 
 
 def _trimmed_to_fit(
@@ -181,6 +191,7 @@ def _trimmed_to_fit(
     head: dict[str, Any],
     properties: dict[str, Any],
     library: dict[str, str],
+    relay_context: dict[str, str],
     original_bytes: int,
     options: MappingOptions,
 ) -> TrackMessage:
@@ -202,7 +213,8 @@ def _trimmed_to_fit(
             records.append(
                 {"path": location_text(location), "action": action, "length": len(current)}
             )
-            context = {"library": library, "aircall_relay": {"trimmed": list(records)}}
+            trims = {**relay_context, "trimmed": list(records)}
+            context = {"library": library, "aircall_relay": trims}
             message = {**head, "properties": properties, "context": context}
             encoded = encode_message(message)
             size = len(encoded)

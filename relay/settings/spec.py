@@ -23,6 +23,7 @@ GROUPS: Final[tuple[str, ...]] = (
     "segment",
     "drainer",
     "retention",
+    "aircall",
 )
 _SPEC: Final[str] = "relay_setting"
 

@@ -348,6 +348,48 @@ class Settings:
         group="retention",
         shown="`0` (keep)",
     )
+    # Aircall's Public API (webhook health, reconciliation)
+    aircall_api_id: str | None = setting(
+        None,
+        parse.optional_text,
+        "The API ID of an Aircall API key (Dashboard, Integrations & API), for the Public API "
+        "(HTTP Basic auth). With `RELAY_AIRCALL_API_TOKEN` it turns on the `aircall webhooks` "
+        "command and the drainer's webhook probe; without them both are off and say so.",
+        group="aircall",
+    )
+    aircall_api_token: Secret | None = setting(
+        None,
+        parse.secret(MIN_SECRET_CHARS),
+        "The API token of that key. Never logged or printed (an error says only that Aircall "
+        "refused the credentials: exit code 2).",
+        group="aircall",
+        secret=True,
+    )
+    aircall_api_url: str = setting(
+        "https://api.aircall.io",
+        parse.http_url,
+        "Base URL of Aircall's Public API; `/v1/...` is appended. Any other base URL for a "
+        "proxy or the local fake (`aircall-relay fake-aircall`).",
+        group="aircall",
+    )
+    aircall_probe_seconds: float = setting(
+        300.0,
+        parse.seconds_or_off(30.0, 86400.0),
+        "How often the drainer asks Aircall whether the webhooks of `RELAY_AIRCALL_TOKENS` are "
+        "active (the gauge `relay_aircall_webhook_active{label}`, a warning when one changes); "
+        "`0` for never, else at least 30 (each probe spends one or more requests of the "
+        "company's per-minute allowance). Off while the API settings are not set.",
+        group="aircall",
+    )
+    reconcile_grace_seconds: float = setting(
+        3600.0,
+        parse.number(0.0, 86400.0),
+        "`aircall-relay reconcile` judges a call only once it ended this long ago: a call that "
+        "ended more recently, or is still going on, may still have webhooks on their way (Aircall "
+        "sends `call.ended` about 30 s after the hang-up and retries failures). Past it, a call "
+        "with no `call.ended` in the outbox is reported, and back-filled with `--backfill`.",
+        group="aircall",
+    )
     # Not a setting: the TOML file these settings were read from, if any.
     config_file: str | None = field(default=None, compare=False)
 
@@ -357,7 +399,7 @@ class Settings:
     def secrets(self) -> list[str]:
         """Every secret value, for the log redactor."""
         values = [token.token.reveal() for token in self.aircall_tokens]
-        for secret in (self.segment_write_key, self.pii_hash_key):
+        for secret in (self.segment_write_key, self.pii_hash_key, self.aircall_api_token):
             if secret is not None:
                 values.append(secret.reveal())
         # The database password too: a driver's error may quote the URL it was given. Values
@@ -387,6 +429,27 @@ class Settings:
                 "RELAY_SEGMENT_WRITE_KEY: not set, so nothing could be delivered; set it to the "
                 "write key of your Segment HTTP API source"
             )
+
+    def aircall_api_configured(self) -> bool:
+        return self.aircall_api_id is not None and self.aircall_api_token is not None
+
+    def require_aircall_api(self) -> tuple[str, str]:
+        """The Public API's id and token, or SettingsError naming the settings that are not set."""
+        missing = [
+            name
+            for name, value in (
+                ("RELAY_AIRCALL_API_ID", self.aircall_api_id),
+                ("RELAY_AIRCALL_API_TOKEN", self.aircall_api_token),
+            )
+            if value is None
+        ]
+        if missing or self.aircall_api_id is None or self.aircall_api_token is None:
+            raise SettingsError(
+                f"{' and '.join(missing)}: not set, so the relay cannot ask Aircall's Public API; "
+                "set RELAY_AIRCALL_API_ID and RELAY_AIRCALL_API_TOKEN to an API key of the "
+                "company (Aircall Dashboard, Integrations & API)"
+            )
+        return self.aircall_api_id, self.aircall_api_token.reveal()
 
     def check_tls(self) -> None:
         if (self.tls_certfile is None) != (self.tls_keyfile is None):

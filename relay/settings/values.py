@@ -234,11 +234,46 @@ def secret(minimum: int) -> Parser[Secret | None]:
 
 
 def base_url(raw: Any, where: str) -> str:
+    """Segment's endpoint: `us`, `eu` or any http(s) URL."""
     text = string(raw, where)
     text = SEGMENT_REGIONS.get(text.lower(), text)
     if not re.fullmatch(r"https?://[^\s/]+(/[^\s]*)?", text):
         raise SettingsError(f"{where}: expected 'us', 'eu' or an http(s) URL, got {text!r}")
     return text.rstrip("/")
+
+
+def http_url(raw: Any, where: str) -> str:
+    """An http(s) base URL, without its trailing slash."""
+    text = string(raw, where)
+    if not re.fullmatch(r"https?://[^\s/@]+(/[^\s]*)?", text):
+        raise SettingsError(
+            f"{where}: expected an http(s) URL without credentials, like https://api.aircall.io"
+        )
+    return text.rstrip("/")
+
+
+def optional_text(raw: Any, where: str) -> str | None:
+    """A value without spaces, or None when empty."""
+    text = string(raw, where)
+    if any(character.isspace() for character in text):
+        raise SettingsError(f"{where}: must not contain spaces")
+    return text or None
+
+
+def seconds_or_off(minimum: float, maximum: float) -> Parser[float]:
+    """A period in seconds from `minimum` to `maximum`, or 0 for off."""
+    bounded = number(minimum, maximum)
+
+    def parse(raw: Any, where: str) -> float:
+        value = number(0.0, maximum)(raw, where)
+        if value == 0:
+            return 0.0
+        try:
+            return bounded(raw, where)
+        except SettingsError as error:
+            raise SettingsError(f"{error} (or 0 for off)") from None
+
+    return parse
 
 
 def data_paths(raw: Any, where: str) -> tuple[str, ...]:

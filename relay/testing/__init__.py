@@ -1,5 +1,5 @@
-"""Test helpers shipped with the relay: a local fake of Segment's HTTP Tracking API, and the
-sample webhooks (`sample_payloads`).
+"""Test helpers shipped with the relay: a local fake of Segment's HTTP Tracking API, a fake of
+Aircall's Public API (`fake_aircall`), and the sample webhooks (`sample_payloads`).
 
 `FakeSegment` serves the fake on loopback from background threads and records what it accepted,
 discarded and deduplicated; `Fault` and `ChaosEntry` script failures. Only the commands that serve

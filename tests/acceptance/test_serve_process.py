@@ -38,6 +38,8 @@ def test_serve_answers_then_sigterm_exits_zero(sqlite_database: OutboxDatabase) 
     try:
         response = httpx.post(relay.url() + WEBHOOK, content=distinct_call(1), headers=JSON)
         assert response.status_code == 200
+        # `serve` runs on uvloop (docs/performance.md: less CPU per webhook).
+        assert relay.wait_for_log("listening")["event_loop"] == "uvloop"
         relay.signal(signal.SIGTERM)
         assert relay.wait() == 0
     finally:

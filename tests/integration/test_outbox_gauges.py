@@ -1,9 +1,13 @@
 """The outbox gauges the receiver's `/metrics` reads (`relay/db/gauges.py`), on SQLite and
-PostgreSQL: counts by status, oldest undelivered receipt, calls awaiting `call.ended`."""
+PostgreSQL: counts by status, oldest undelivered receipt, calls awaiting `call.ended`, and on
+SQLite the space of the database file's filesystem."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -31,7 +35,28 @@ async def test_an_empty_outbox(database: OutboxDatabase) -> None:
         gauges = await read_outbox_gauges(engine, NOW)
     finally:
         await engine.dispose()
-    assert gauges == OutboxGauges(0, 0, 0, None, 0)
+    assert dataclasses.replace(gauges, filesystem=None) == OutboxGauges(0, 0, 0, None, 0)
+
+
+async def test_the_sqlite_files_filesystem_and_none_on_postgresql(
+    database: OutboxDatabase,
+) -> None:
+    engine = create_engine(database.url)
+    try:
+        gauges = await read_outbox_gauges(engine, NOW)
+    finally:
+        await engine.dispose()
+    if engine.dialect.name != "sqlite":
+        assert gauges.filesystem is None
+        return
+    assert gauges.filesystem is not None
+    assert engine.url.database is not None
+    space = os.statvfs(Path(engine.url.database).parent)
+    assert gauges.filesystem.size_bytes == space.f_blocks * space.f_frsize
+    # What is available moves with every write on the machine: within 64 MiB of it now.
+    now_available = space.f_bavail * space.f_frsize
+    assert abs(gauges.filesystem.avail_bytes - now_available) < 64 * 2**20
+    assert 0 < gauges.filesystem.avail_bytes < gauges.filesystem.size_bytes
 
 
 STATE_COLUMNS = {
@@ -78,7 +103,7 @@ async def test_counts_the_oldest_undelivered_and_calls_awaiting_call_ended(
         gauges = await read_outbox_gauges(engine, awaiting_before=NOW - timedelta(minutes=10))
     finally:
         await engine.dispose()
-    assert gauges == OutboxGauges(
+    assert dataclasses.replace(gauges, filesystem=None) == OutboxGauges(
         pending=2,
         delivering=1,
         dead=1,

@@ -356,6 +356,22 @@ def test_oversized_chunked_body_without_length_is_413(
     assert database.count() == 0
 
 
+def test_chunked_body_within_the_limit_is_read_whole_and_stored(
+    client: httpx.Client, database: OutboxDatabase
+) -> None:
+    """A body without Content-Length arrives in several pieces; the route joins them."""
+    content = json.dumps(sample("call.created")).encode()
+
+    def chunks() -> Iterator[bytes]:
+        for start in range(0, len(content), 100):
+            yield content[start : start + 100]
+
+    response = client.post(WEBHOOK, content=chunks(), headers=JSON)
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "stored"
+    assert database.count() == 1
+
+
 def test_body_just_under_the_limit_is_accepted(database: OutboxDatabase) -> None:
     settings = make_settings(database, max_body_bytes=8192)
     body = sample("call.created")
@@ -446,6 +462,32 @@ def test_metrics_count_webhooks_by_event_and_outcome(
     assert 'relay_webhooks_total{event="call.created",outcome="duplicate"} 1.0' in text
     assert 'relay_webhooks_total{event="none",outcome="unauthorized"} 1.0' in text
     assert "relay_webhook_duplicates_total 1.0" in text
+
+
+def test_the_webhook_path_takes_post_only(client: httpx.Client, database: OutboxDatabase) -> None:
+    response = client.get(WEBHOOK)
+    assert_error(response, 405, "method_not_allowed")
+    assert response.headers["allow"] == "POST"
+    assert database.count() == 0
+    assert post(client, sample("call.created")).status_code == 200
+
+
+def test_a_failure_inside_the_route_is_a_json_500_and_the_server_keeps_serving(
+    client: httpx.Client, receiver: ReceiverThread, database: OutboxDatabase
+) -> None:
+    state = receiver.app.extensions["relay"]
+    label_for = state.tokens.label_for
+
+    def broken(token: str | None) -> str | None:
+        raise RuntimeError("a bug")
+
+    state.tokens.label_for = broken
+    try:
+        assert_error(post(client, sample("call.created")), 500, "internal_error")
+    finally:
+        state.tokens.label_for = label_for
+    assert database.count() == 0
+    assert post(client, sample("call.created")).status_code == 200
 
 
 def test_metrics_have_a_port_of_their_own(client: httpx.Client, receiver: ReceiverThread) -> None:

@@ -238,7 +238,7 @@ def test_the_check_constraints_are_those_of_the_table_definitions(
         for constraint in outbox.constraints
         if isinstance(constraint, CheckConstraint)
     }
-    assert len(declared) == 9
+    assert len(declared) == 10
     assert _check_constraints(empty_database_url) == declared
 
 
@@ -362,8 +362,42 @@ def test_0006_mends_rows_made_by_hand_then_refuses_them_and_keeps_every_row(
     assert fetch_all(url, "SELECT count(*) AS n FROM outbox_dead") == [{"n": 2}]
     _execute(url, never_due)  # accepted at 0005, and mended by the next upgrade
     command.upgrade(alembic_config(url), "head")
-    assert len(_check_constraints(url)) == 9
+    assert len(_check_constraints(url)) == 10  # and 0008's origin
     [row] = fetch_all(
         url, "SELECT next_attempt_at FROM outbox WHERE dedup_key = '" + "c" * 64 + "'"
     )
     assert row["next_attempt_at"] is not None
+
+
+def test_0008_marks_existing_rows_webhook_adds_reconcile_runs_and_goes_down(
+    empty_database_url: str,
+) -> None:
+    url = empty_database_url
+    command.upgrade(alembic_config(url), "0007")
+    _execute(url, _outbox_row("a" * 64, due=True))
+    indexes = _outbox_indexes(url)
+
+    command.upgrade(alembic_config(url), "0008")
+    assert fetch_all(url, "SELECT dedup_key, origin FROM outbox") == [
+        {"dedup_key": "a" * 64, "origin": "webhook"}
+    ]
+    assert fetch_all(url, "SELECT * FROM reconcile_runs") == []
+    assert fetch_all(url, "SELECT * FROM last_reconcile_run") == []
+    assert _outbox_indexes(url) == indexes  # the column is added in place, indexes untouched
+    with pytest.raises(Exception, match="ck_outbox_origin"):
+        _execute(url, "UPDATE outbox SET origin = 'guessed'")
+    _execute(
+        url,
+        "INSERT INTO reconcile_runs (window_since, window_until, backfill, calls_seen, missing,"
+        " awaiting_call_ended, not_yet_due, backfilled, errors, started_at, finished_at, outcome)"
+        " VALUES ('2026-01-01 00:00:00', '2026-01-02 00:00:00', true, 5, 1, 1, 0, 2, 0,"
+        " '2026-01-02 00:00:01', '2026-01-02 00:00:02', 'complete')",
+    )
+    [last] = fetch_all(url, "SELECT calls_seen, backfilled, outcome FROM last_reconcile_run")
+    assert last == {"calls_seen": 5, "backfilled": 2, "outcome": "complete"}
+
+    command.downgrade(alembic_config(url), "0007")
+    assert "reconcile_runs" not in _tables(url)
+    assert [row["dedup_key"] for row in fetch_all(url, "SELECT * FROM outbox")] == ["a" * 64]
+    assert "origin" not in fetch_all(url, "SELECT * FROM outbox")[0]
+    assert _outbox_indexes(url) == indexes

@@ -3,68 +3,10 @@ and has a panel for each thing PRODUCT §9 asks the metrics to show."""
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Iterator
-from typing import Any
 
-from prometheus_client import CollectorRegistry
-
-from relay.drainer.metrics import DrainerMetrics
-from relay.receiver.metrics import ReceiverMetrics
-from tests.support import ROOT
-
-DASHBOARD = ROOT / "docs" / "grafana" / "aircall-relay.json"
-
-# The samples each type of metric family exports (prometheus-client's text format).
-SUFFIXES = {
-    "counter": ("_total", "_created"),
-    "histogram": ("_bucket", "_sum", "_count", "_created"),
-    "summary": ("", "_sum", "_count", "_created"),
-    "gauge": ("",),
-}
-
-
-def exported_names(registry: CollectorRegistry) -> set[str]:
-    names: set[str] = set()
-    for family in registry.collect():
-        names.update(family.name + suffix for suffix in SUFFIXES[family.type])
-    return names
-
-
-def relay_exports() -> set[str]:
-    receiver, drainer = (
-        exported_names(ReceiverMetrics().registry),
-        exported_names(DrainerMetrics().registry),
-    )
-    assert not receiver & drainer, "`run` renders both registries: their names must differ"
-    return receiver | drainer
-
-
-def dashboard() -> dict[str, Any]:
-    document: dict[str, Any] = json.loads(DASHBOARD.read_text())
-    return document
-
-
-def panels(items: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    for panel in items:
-        yield panel
-        yield from panels(panel.get("panels", []))  # rows may hold their panels
-
-
-def expressions() -> list[str]:
-    return [
-        target["expr"]
-        for panel in panels(dashboard()["panels"])
-        for target in panel.get("targets", [])
-    ]
-
-
-def metric_names(expr: str) -> set[str]:
-    without_strings = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
-    without_labels = re.sub(r"\{[^}]*\}", "", without_strings)
-    without_ranges = re.sub(r"\[[^\]]*\]", "", without_labels)
-    return set(re.findall(r"\brelay_[a-z0-9_]+\b", without_ranges))
+from tests.prometheus.support import dashboard, metric_names, panels, relay_exports
+from tests.prometheus.support import dashboard_expressions as expressions
 
 
 def test_every_metric_the_dashboard_queries_is_exported() -> None:
@@ -94,6 +36,7 @@ def test_the_dashboard_shows_what_the_product_asks_for() -> None:
         "late events": "relay_events_late_total",
         "calls awaiting call.ended": "relay_outbox_calls_awaiting_call_ended",
         "rate-limit waits": "relay_rate_limit_wait_seconds_total",
+        "Aircall webhooks active (issue 12)": "relay_aircall_webhook_active",
     }
     missing = {what: name for what, name in wanted.items() if name not in used}
     assert missing == {}

@@ -82,3 +82,29 @@ def test_hypercorn_errors_are_written_once_redacted(capsys: pytest.CaptureFixtur
     assert line["event"] == "Error in ASGI Framework"
     assert line["level"] == "error"
     assert f"RuntimeError: a request carried {REDACTED}" in line["exception"]
+
+
+def test_json_lines_hold_what_orjson_refuses_and_stay_redacted() -> None:
+    """Lines are written by orjson where it can (docs/performance.md); an integer beyond 64 bits,
+    a lone surrogate or an object JSON has no type for is still written, by the standard
+    library, and a secret inside any of them, or inside a str subclass, is still redacted."""
+
+    class Text(str):
+        pass
+
+    secret = "tok-orjson-fallback-0123456789"
+    stream = io.StringIO()
+    configure_logging("json", "info", secrets=[secret], stream=stream)
+    log = get_logger("test")
+    log.info("big", id=2**70, detail=f"{secret} in a big line")
+    log.info("surrogate", value="a\ud800b", detail=Text(f"sub {secret}"))
+    log.info("object", value=object(), count=3, ratio=0.5, flag=True, nothing=None)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert lines[0]["id"] == 2**70
+    assert lines[0]["detail"] == f"{REDACTED} in a big line"
+    assert lines[1]["value"] == "a\ud800b"
+    assert lines[1]["detail"] == f"sub {REDACTED}"
+    assert lines[2]["value"].startswith("<object object at")
+    assert (lines[2]["count"], lines[2]["ratio"], lines[2]["flag"]) == (3, 0.5, True)
+    assert lines[2]["nothing"] is None
+    assert secret not in stream.getvalue()

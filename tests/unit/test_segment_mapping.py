@@ -865,3 +865,26 @@ def test_pii_paths_never_leak_or_touch_the_payload(data: dict[str, Any]) -> None
         names = [key for key in data if key not in ("token", "email")]
         assert is_hashed(list(properties.values())[names.index("user")])
     assert event.payload == before
+
+
+def test_a_back_filled_row_says_so_in_context_also_when_trimmed() -> None:
+    body = load_sample("call.ended")
+    webhook = to_track_message(outbox_event(body), DEFAULT)
+    assert "aircall_relay" not in webhook.message["context"]
+    reconciled = to_track_message(
+        dataclasses.replace(outbox_event(body), origin="reconciled"), DEFAULT
+    )
+    assert reconciled.message["context"]["aircall_relay"] == {"origin": "reconciled"}
+    assert reconciled.message["properties"] == webhook.message["properties"]
+    users = load_sample("number.opened")["data"]["users"]
+    body["data"]["number"]["users"] = [
+        {**users[index % 3], "id": 700_000 + index} for index in range(150)
+    ]
+    trimmed = to_track_message(
+        dataclasses.replace(outbox_event(body), origin="reconciled"), DEFAULT
+    )
+    assert_sendable(trimmed)
+    assert trimmed.message["context"]["aircall_relay"] == {
+        "origin": "reconciled",
+        "trimmed": [{"path": "number.users", "action": "reduced_to_ids", "length": 150}],
+    }

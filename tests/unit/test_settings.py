@@ -242,3 +242,44 @@ def test_a_sqlite_url_without_a_file_is_a_configuration_error(url: str, message:
     with pytest.raises(SettingsError, match=re.escape(message)) as caught:
         load_settings({"RELAY_DATABASE_URL": url})
     assert str(caught.value).startswith("RELAY_DATABASE_URL: ")
+
+
+def test_the_aircall_api_settings() -> None:
+    settings = load_settings(
+        {
+            "RELAY_AIRCALL_API_ID": "4f2c1d",
+            "RELAY_AIRCALL_API_TOKEN": "api-token-secret-value",
+            "RELAY_AIRCALL_API_URL": "http://127.0.0.1:9200/",
+            "RELAY_AIRCALL_PROBE_SECONDS": "0",
+        }
+    )
+    assert settings.require_aircall_api() == ("4f2c1d", "api-token-secret-value")
+    assert settings.aircall_api_url == "http://127.0.0.1:9200"
+    assert settings.aircall_probe_seconds == 0
+    assert "api-token-secret-value" not in repr(settings)
+    assert "api-token-secret-value" in settings.secrets()
+    defaults = load_settings({})
+    assert defaults.aircall_api_url == "https://api.aircall.io"
+    assert defaults.aircall_probe_seconds == 300
+    assert not defaults.aircall_api_configured()
+    with pytest.raises(SettingsError, match="RELAY_AIRCALL_API_ID and RELAY_AIRCALL_API_TOKEN"):
+        defaults.require_aircall_api()
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "message"),
+    [
+        ("RELAY_AIRCALL_PROBE_SECONDS", "10", r"from 30 to 86400, got 10 \(or 0 for off\)"),
+        ("RELAY_AIRCALL_PROBE_SECONDS", "-1", "from 0 to 86400"),
+        ("RELAY_AIRCALL_PROBE_SECONDS", "often", "expected a number"),
+        ("RELAY_AIRCALL_API_URL", "api.aircall.io", "expected an http"),
+        ("RELAY_AIRCALL_API_URL", "https://id:tok@api.aircall.io", "without credentials"),
+        ("RELAY_AIRCALL_API_ID", "has space", "must not contain spaces"),
+        ("RELAY_AIRCALL_API_TOKEN", "short", "at least 8 characters"),
+    ],
+)
+def test_bad_aircall_api_settings_name_the_setting(name: str, raw: str, message: str) -> None:
+    with pytest.raises(SettingsError, match=message) as raised:
+        load_settings({name: raw})
+    assert str(raised.value).startswith(name)
+    assert "tok@" not in str(raised.value)

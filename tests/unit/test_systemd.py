@@ -15,7 +15,14 @@ from tests.support import ROOT
 
 SYSTEMD = ROOT / "systemd"
 SERVICES = ["aircall-relay-receiver.service", "aircall-relay-drainer.service"]
-ALL_UNITS = [*SERVICES, "aircall-relay-migrate.service", "aircall-relay.target"]
+RECONCILE = "aircall-relay-reconcile.service"
+ALL_UNITS = [
+    *SERVICES,
+    "aircall-relay-migrate.service",
+    "aircall-relay.target",
+    RECONCILE,
+    "aircall-relay-reconcile.timer",
+]
 ANALYZE = shutil.which("systemd-analyze")
 needs_analyze = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not installed")
 
@@ -28,7 +35,7 @@ def unit(name: str) -> configparser.ConfigParser:
 
 
 @needs_analyze
-@pytest.mark.parametrize("name", [*SERVICES, "aircall-relay-migrate.service"])
+@pytest.mark.parametrize("name", [*SERVICES, "aircall-relay-migrate.service", RECONCILE])
 def test_exposure_is_at_most_two(name: str) -> None:
     result = subprocess.run(
         [ANALYZE or "", "security", "--offline=yes", str(SYSTEMD / name)],
@@ -68,6 +75,23 @@ def test_services_start_after_a_successful_migration() -> None:
         assert service["Service"]["StateDirectory"] == "aircall-relay"
         assert service["Service"]["User"] == "aircall-relay"
         assert service["Service"]["RestartPreventExitStatus"] == "2"
+
+
+def test_reconcile_runs_hourly_over_26_hours_with_backfill_after_the_migration() -> None:
+    timer = unit("aircall-relay-reconcile.timer")
+    assert timer["Timer"]["OnCalendar"] == "hourly"
+    assert timer["Timer"]["Unit"] == RECONCILE
+    assert timer["Install"]["WantedBy"] == "timers.target"
+    service = unit(RECONCILE)
+    assert service["Service"]["Type"] == "oneshot"
+    command = service["Service"]["ExecStart"].split()
+    assert command[0].endswith("/aircall-relay")
+    assert command[1:] == ["reconcile", "--since", "26h", "--backfill"]
+    assert "aircall-relay-migrate.service" in service["Unit"]["Requires"]
+    assert "aircall-relay-migrate.service" in service["Unit"]["After"]
+    assert service["Service"]["EnvironmentFile"] == "/etc/aircall-relay/relay.env"
+    assert service["Service"]["User"] == "aircall-relay"
+    assert service["Service"]["CapabilityBoundingSet"] == ""
 
 
 def test_only_the_receiver_may_bind_low_ports() -> None:
