@@ -61,6 +61,7 @@ ROW_COLUMNS = {
     "delivered_at",
     "request_id",
     "late",
+    "origin",
 }
 
 
@@ -141,6 +142,7 @@ async def test_a_new_event_is_one_pending_row_with_every_column(stores: Stores) 
         assert row[untouched] is None, untouched
     assert row["payload"] == event.payload
     assert "token" not in row["payload"]
+    assert row["origin"] == "webhook"
 
 
 async def test_the_payload_comes_back_exactly(stores: Stores) -> None:
