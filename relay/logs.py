@@ -67,9 +67,9 @@ _PLAIN: Final = frozenset({int, float, bool, type(None)})
 
 
 def _json_line(value: Any, **options: Any) -> str:
-    """One log line's JSON: orjson (about a tenth of the standard encoder's time), compact, UTF-8
-    as is; what orjson refuses (an integer beyond 64 bits, a lone surrogate) the standard
-    library writes, with the same fallback for objects JSON has no type for."""
+    """One log line's JSON: orjson (faster than the standard encoder: docs/performance.md),
+    compact, UTF-8 as is; what orjson refuses (an integer beyond 64 bits, a lone surrogate) the
+    standard library writes, with the same fallback for objects JSON has no type for."""
     try:
         return orjson.dumps(value, default=options.get("default")).decode("utf-8")
     except TypeError:

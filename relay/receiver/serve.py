@@ -35,8 +35,8 @@ Result = TypeVar("Result")
 
 
 def run_event_loop(main: Coroutine[Any, Any, Result]) -> Result:
-    """Run `serve`'s event loop: uvloop's, which takes about a tenth less CPU per webhook than
-    asyncio's own (docs/performance.md). Hypercorn's workers (`RELAY_WORKERS`) run on it too
+    """Run `serve`'s event loop: uvloop's, which takes less CPU per webhook than asyncio's own
+    (docs/performance.md has how much). Hypercorn's workers (`RELAY_WORKERS`) run on it too
     (`worker_class`). `run`, which shares its loop with the drainer, stays on asyncio's."""
     return uvloop.run(main)
 
