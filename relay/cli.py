@@ -14,40 +14,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict
 
-import anyio
-
-from relay import __version__
+from relay import __version__, daemons
 from relay.aircall_cli import add_aircall_commands, run_aircall_command
 from relay.check import ROLES, NotReady, check, require_schema_at_head, unreadable_settings
 from relay.compose import (
-    WORKER_APPLICATION_PATH,
-    aircall_probe_task,
-    build_drainer,
-    build_receiver_app,
-    close_drainer,
-    retention_task,
-    serve_drainer_metrics,
     setup_logging,
 )
+from relay.daemons import build_settings
 from relay.db import DatabaseError
 from relay.db.engine import describe_url, is_sqlite, sqlite_path
 from relay.db.migrate import upgrade_to_head
-from relay.drainer.ledger import DrainSummary
-from relay.drainer.metrics import DrainerMetrics
 from relay.logs import configure_logging, get_logger
 from relay.outbox_cli import add_outbox_commands, run_outbox_command
 from relay.reconcile import add_reconcile_command, run_reconcile
-from relay.settings import CONFIG_FILE_ENV, DEFAULTS, Settings, SettingsError, load_settings
-
-# The receiver's modules (Quart, Hypercorn) are imported by the commands that serve it, so that
-# `drain`, `migrate` and `outbox` start without them (docs/performance.md, "Figures behind the
-# code", has what that saves).
+from relay.settings import DEFAULTS, Settings, SettingsError
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -63,27 +46,6 @@ Settings come from RELAY_* environment variables and an optional TOML file
 (--config, or RELAY_CONFIG_FILE); see docs/configuration.md. Secrets (Aircall
 tokens, the Segment write key) are read only from there, never from options.
 """
-
-
-def build_settings(args: argparse.Namespace) -> Settings:
-    settings = load_settings(config_file=getattr(args, "config", None))
-    overrides = {
-        name: getattr(args, name, None)
-        for name in ("host", "port", "workers", "tls_certfile", "tls_keyfile")
-    }
-    return settings.with_overrides(**overrides)
-
-
-async def stop_on_signals(stop: anyio.Event, scope: anyio.CancelScope) -> None:
-    """The first SIGTERM or SIGINT stops gracefully; a second one stops at once."""
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            if stop.is_set():
-                log.warning("stopping_now", signal=signal.Signals(signum).name)
-                scope.cancel()
-                return
-            log.info("stopping", signal=signal.Signals(signum).name)
-            stop.set()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,133 +71,17 @@ def command_migrate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def receiver_settings(args: argparse.Namespace) -> Settings:
-    """The settings of a command that takes webhooks (`serve`, `run`), logging set up, checked:
-    the TLS files, the tokens, and the schema at head."""
-    settings = build_settings(args)
-    setup_logging(settings)
-    settings.check_tls()
-    settings.require_tokens()
-    asyncio.run(require_schema_at_head(settings))
-    return settings
-
-
 def command_serve(args: argparse.Namespace) -> int:
-    from relay.receiver.serve import (
-        run_event_loop,
-        serve_in_process,
-        serve_with_workers,
-        wait_for_signal,
-    )
-
-    settings = receiver_settings(args)
-    if settings.workers > 1:
-        if settings.config_file:  # the workers read their settings from the environment
-            os.environ[CONFIG_FILE_ENV] = settings.config_file
-        return serve_with_workers(settings, WORKER_APPLICATION_PATH)
-    app = build_receiver_app(settings)
-    run_event_loop(serve_in_process(app, settings, wait_for_signal))
-    log.info("stopped")
-    return EXIT_OK
+    return daemons.serve(args)
 
 
 def command_drain(args: argparse.Namespace) -> int:
-    settings = build_settings(args)
-    setup_logging(settings)
-    settings.require_write_key()
-    asyncio.run(require_schema_at_head(settings))
-    drainer = build_drainer(settings, require_write_key=True)
-
-    async def main() -> DrainSummary:
-        stop = anyio.Event()
-        try:
-            async with anyio.create_task_group() as group:
-                group.start_soon(stop_on_signals, stop, group.cancel_scope)
-                if not args.once:
-                    group.start_soon(retention_task(settings, drainer))
-                    group.start_soon(aircall_probe_task(settings, drainer))
-                summary = await drainer.run(stop, once=args.once)
-                group.cancel_scope.cancel()
-            return summary
-        finally:
-            await close_drainer(drainer)
-
-    # `--once` exits as soon as it is done: nothing would scrape it.
-    metrics_server = None if args.once else serve_drainer_metrics(settings, drainer)
-    try:
-        summary = anyio.run(main)
-    finally:
-        if metrics_server is not None:
-            metrics_server.close()
-    if args.once:
-        print(json.dumps(asdict(summary)))
-    return EXIT_OK
+    return daemons.drain(args)
 
 
 def command_run(args: argparse.Namespace) -> int:
     """Everything in one process, for a laptop: receiver and drainer; one Ctrl-C stops both."""
-    from relay.receiver.serve import serve_in_process
-
-    settings = receiver_settings(args)
-    # One scrape for both: the receiver's /metrics renders the drainer's registry too (the
-    # drainer's own metrics port is not opened).
-    drainer_metrics = DrainerMetrics()
-    app = build_receiver_app(settings, extra_metrics=[drainer_metrics.registry])
-    drainer = build_drainer(settings, require_write_key=False, metrics=drainer_metrics)
-
-    async def main() -> None:
-        # Plain asyncio here: Hypercorn manages its own tasks, and the drainer (anyio) runs on
-        # the same loop as a task of its own. A drainer that fails stops the receiver too.
-        stop = anyio.Event()
-        loop = asyncio.get_running_loop()
-        # The drainer and retention are stopped through cancel scopes, not `Task.cancel()`,
-        # which would abandon their database work under way (`relay.db.engine.not_abandoned`).
-        drain_scope = anyio.CancelScope()
-        retention_scope = anyio.CancelScope()
-        probe_scope = anyio.CancelScope()
-
-        async def drain() -> None:
-            with drain_scope:
-                await drainer.run(stop)
-
-        async def retain() -> None:
-            with retention_scope:
-                await retention_task(settings, drainer)()
-
-        async def probe() -> None:
-            with probe_scope:
-                await aircall_probe_task(settings, drainer)()
-
-        drain_task = asyncio.create_task(drain(), name="drainer")
-        drain_task.add_done_callback(lambda _: stop.set())
-        retention = asyncio.create_task(retain(), name="retention")
-        aircall_probe = asyncio.create_task(probe(), name="aircall-probe")
-
-        def on_signal(signum: int) -> None:
-            if stop.is_set():
-                log.warning("stopping_now", signal=signal.Signals(signum).name)
-                drain_scope.cancel()
-            else:
-                log.info("stopping", signal=signal.Signals(signum).name)
-            stop.set()
-
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, on_signal, signum)
-        try:
-            await serve_in_process(app, settings, stop.wait)
-            stop.set()
-            drain_scope.deadline = anyio.current_time() + settings.shutdown_grace_seconds + 5
-            await drain_task
-        finally:
-            retention_scope.cancel()
-            probe_scope.cancel()
-            await retention
-            await aircall_probe
-            await close_drainer(drainer)
-
-    asyncio.run(main())
-    log.info("stopped")
-    return EXIT_OK
+    return daemons.run(args)
 
 
 def command_outbox(args: argparse.Namespace) -> int:

@@ -383,6 +383,35 @@ def _slow_purge_batches(database: OutboxDatabase) -> None:
         )
 
 
+def _write_lock_taken(path: str) -> bool:
+    """Whether another connection holds SQLite's write lock now (BEGIN IMMEDIATE is refused at
+    once); takes nothing if not."""
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None, timeout=0)) as connection:
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as error:
+            if "locked" in str(error) or "busy" in str(error):
+                return True
+            raise
+        connection.execute("ROLLBACK")
+        return False
+
+
+def _wait_for_a_write_in_progress(database: OutboxDatabase, timeout: float) -> None:
+    """Wait until a write transaction has held the database for two checks 0.1 s apart (a slow
+    purge batch, not a passing write)."""
+    path = sqlite_path(database.url)
+    assert path is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _write_lock_taken(path):
+            time.sleep(0.1)
+            if _write_lock_taken(path):
+                return
+        time.sleep(0.01)
+    raise AssertionError(f"no write in progress within {timeout} s")
+
+
 def test_sigterm_during_a_retention_purge_stops_it_after_the_batch_in_hand_and_exits_zero(
     sqlite_database: OutboxDatabase, fake: FakeSegment
 ) -> None:
@@ -400,7 +429,10 @@ def test_sigterm_during_a_retention_purge_stops_it_after_the_batch_in_hand_and_e
     drainer = RelayProcess("drain", env=env)
     try:
         drainer.wait_for_log("drainer_started")
-        time.sleep(0.5)  # retention began at start: its first batch is under way
+        # Retention began at start: SIGTERM once a slow batch is seen under way (its DELETE
+        # holds SQLite's write lock for about a second), not after a guessed delay, which a
+        # busy or a fast machine gets wrong.
+        _wait_for_a_write_in_progress(sqlite_database, timeout=10)
         drainer.signal(signal.SIGTERM)
         try:
             code = drainer.wait(20)
