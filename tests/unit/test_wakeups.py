@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import anyio
 import pytest
 
@@ -18,8 +20,12 @@ async def test_each_moment_wakes_once_in_order_and_close_ones_are_merged() -> No
         group.start_soon(schedule.run)
         started = anyio.current_time()
         schedule.wake_after(0.3)
-        schedule.wake_after(0.1)  # earlier than what `run` sleeps until
-        schedule.wake_after(0.101)  # within the same 50 ms: merged
+        # Two moments in the same 50 ms step of the schedule, 0.15 to 0.2 s ahead, both earlier
+        # than what `run` sleeps until: merged. (Chosen from the step's end, not as 0.1 and
+        # 0.101 s from now, which straddle a step boundary one time in fifty.)
+        step_end = math.ceil((anyio.current_time() + 0.1) / 0.05) * 0.05 + 0.05
+        schedule.wake_after(step_end - 0.04 - anyio.current_time())
+        schedule.wake_after(step_end - 0.01 - anyio.current_time())
         assert schedule.pending == 2
         await anyio.sleep(0.45)
         group.cancel_scope.cancel()
