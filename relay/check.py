@@ -2,9 +2,10 @@
 before they listen or claim (`require_schema_at_head`).
 
 `check` looks at what a role needs: the receiver its Aircall tokens (and TLS files when set), the
-drainer its Segment write key, both a database that answers with its schema at the head this
-version expects. Its exit code is the first of these that applies: 2 a setting is missing or
-wrong, 1 the database does not answer, 3 the schema is not at head; 0 when ready.
+drainer its Segment write key (and says whether Aircall's Public API is set for its probe and for
+`reconcile`: optional, never a failure), both a database that answers with its schema at the
+head this version expects. Its exit code is the first of these that applies: 2 a setting is
+missing or wrong, 1 the database does not answer, 3 the schema is not at head; 0 when ready.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class NotReady(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Finding:
-    check: str  # settings, receiver, drainer, database, schema
+    check: str  # settings, receiver, drainer, aircall, database, schema
     status: Status
     message: str
 
@@ -202,6 +203,33 @@ def _check_drainer(settings: Settings, report: Report) -> None:
         settings.require_write_key,
         ok=f"a Segment write key is set; events go to {settings.segment_base_url}/v1/batch.",
         refused="; `drain` refuses to start",
+    )
+    _check_aircall_api(settings, report)
+
+
+def _check_aircall_api(settings: Settings, report: Report) -> None:
+    """Whether Aircall's side is watched: the API settings of the drainer's probe and of
+    `reconcile`. Optional, so never a failure; Aircall is not contacted here (`aircall-relay
+    aircall webhooks` is the check that asks it)."""
+    if not settings.aircall_api_configured():
+        report.add(
+            "aircall",
+            "not checked",
+            "RELAY_AIRCALL_API_ID and RELAY_AIRCALL_API_TOKEN are not both set: no probe of "
+            "Aircall's webhooks, and `reconcile` cannot run.",
+        )
+        return
+    period = settings.aircall_probe_seconds
+    probe = (
+        f"the drainer probes Aircall's webhooks every {period:g} s"
+        if period > 0
+        else "the drainer's probe is off (RELAY_AIRCALL_PROBE_SECONDS=0)"
+    )
+    report.add(
+        "aircall",
+        "ok",
+        f"Aircall's Public API is set ({settings.aircall_api_url}): {probe}, and `reconcile` "
+        "can run (`aircall-relay aircall webhooks` asks Aircall now).",
     )
 
 

@@ -135,6 +135,38 @@ def test_check_is_ready_only_with_what_each_role_needs(database: OutboxDatabase)
         assert SAMPLE_TOKEN not in output and WRITE_KEY not in output
 
 
+def test_check_says_whether_aircalls_side_is_watched_and_never_fails_on_it(
+    database: OutboxDatabase,
+) -> None:
+    api_token = "aircall-api-token-Zq81"
+    without = relay_env(database.url, segment_write_key=WRITE_KEY)
+    result = run_relay("check", "--role", "drainer", env=without)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Aircall: NOT CHECKED: RELAY_AIRCALL_API_ID and RELAY_AIRCALL_API_TOKEN" in result.stdout
+
+    with_api = relay_env(
+        database.url,
+        segment_write_key=WRITE_KEY,
+        aircall_api_id="aircall-api-id",
+        aircall_api_token=api_token,
+        aircall_api_url="https://api.aircall.example",
+    )
+    result = run_relay("check", "--role", "drainer", env=with_api)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (
+        "Aircall: Aircall's Public API is set (https://api.aircall.example): the drainer probes "
+        "Aircall's webhooks every 300 s" in result.stdout
+    )
+    assert api_token not in result.stdout + result.stderr
+    result = run_relay("check", "--json", "--role", "drainer", env=with_api)
+    statuses = {item["check"]: item["status"] for item in json.loads(result.stdout)["checks"]}
+    assert statuses["aircall"] == "ok"
+
+    # The receiver's role does not look at it.
+    receiver = relay_env(database.url, aircall_tokens=TOKENS)
+    assert "Aircall:" not in run_relay("check", "--role", "receiver", env=receiver).stdout
+
+
 def test_check_json(database: OutboxDatabase) -> None:
     result = run_relay("check", "--json", env=relay_env(database.url, aircall_tokens=TOKENS))
     assert result.returncode == 2, result.stdout + result.stderr
