@@ -643,7 +643,7 @@ def count_rows(database_url: str) -> tuple[int, int]:
     from relay.db.engine import create_engine
 
     async def query() -> tuple[int, int]:
-        engine = create_engine(database_url)
+        engine = create_engine(database_url, timeout_seconds=2.0)
         try:
             async with engine.connect() as connection:
                 row = (

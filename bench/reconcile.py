@@ -143,7 +143,7 @@ async def plans(url: str) -> list[str]:
         ("backfill_call_ended: its NOT EXISTS condition", exists, {}),
         ("the drainer: call.ended rows of claimed calls", _CALL_ENDED_OF_CLAIMED, {"ids": [1, 2]}),
     )
-    engine = create_engine(url)
+    engine = create_engine(url, timeout_seconds=2.0)
     prefix = "EXPLAIN QUERY PLAN " if engine.dialect.name == "sqlite" else "EXPLAIN "
     lines: list[str] = []
     try:

@@ -27,14 +27,19 @@ def _database_url() -> str:
     return load_settings().database_url
 
 
-def _timeout_seconds() -> dict[str, float]:
-    """`create_engine`'s timeout: the caller's, or the settings' when run by hand."""
+def _timeout_seconds() -> float:
+    """`create_engine`'s timeout: the caller's; the settings' when run by hand; else the
+    setting's default (a caller that gave a URL and no timeout)."""
     timeout = config.attributes.get("timeout_seconds")
     if timeout is None and not config.attributes.get("database_url"):
         from relay.settings import load_settings
 
         timeout = load_settings().database_timeout_seconds
-    return {} if timeout is None else {"timeout_seconds": float(timeout)}
+    if timeout is None:
+        from relay.settings import DEFAULTS
+
+        timeout = DEFAULTS.database_timeout_seconds
+    return float(timeout)
 
 
 def _configure(connection: Connection) -> None:
@@ -59,7 +64,7 @@ async def _run_async() -> None:
     # No statement timeout: a migration may rightly scan or copy a large outbox. Waiting for a
     # lock stays bounded (`lock_timeout`), so a migration that meets a running relay fails
     # rather than stall it.
-    engine = create_engine(_database_url(), statement_timeout_seconds=None, **_timeout_seconds())
+    engine = create_engine(_database_url(), _timeout_seconds(), statement_timeout_seconds=None)
     try:
         async with writer(engine).connect() as connection:
             await connection.run_sync(_run)

@@ -70,7 +70,7 @@ def describe_url(url: str) -> str:
 
 def create_engine(
     url: str,
-    timeout_seconds: float = 2.0,
+    timeout_seconds: float,
     pool_size: int = 5,
     statement_timeout_seconds: float | None = STATEMENT_TIMEOUT_SECONDS,
 ) -> AsyncEngine:

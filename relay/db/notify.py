@@ -49,7 +49,7 @@ def notify_statement(new_rows: int, *, ready: bool = False) -> tuple[str, tuple[
     return "SELECT pg_notify($1, $2)", (CHANNEL, payload)
 
 
-def listener_for(database_url: str, timeout_seconds: float = 2.0) -> OutboxListener | None:
+def listener_for(database_url: str, timeout_seconds: float) -> OutboxListener | None:
     """A listener on the database of `database_url`; None on SQLite, which has no NOTIFY."""
     url = normalise_database_url(database_url)
     if not url.startswith("postgresql"):
@@ -84,7 +84,7 @@ class OutboxListener:
     def __init__(
         self,
         database_url: str,
-        timeout_seconds: float = 2.0,
+        timeout_seconds: float,
         check_seconds: float = 30.0,
         retry_base_seconds: float = 0.5,
         retry_cap_seconds: float = 30.0,

@@ -72,7 +72,7 @@ def _skipped_rows(database: OutboxDatabase, count_calls: int, days_ago: float) -
     """Store the sample call's events for `count_calls` calls, received `days_ago`, skipped."""
 
     async def store() -> int:
-        engine = create_engine(database.url)
+        engine = create_engine(database.url, timeout_seconds=2.0)
         received = datetime.now(UTC) - timedelta(days=days_ago)
         bodies = [body for call in range(count_calls) for body in call_lifecycle(call + 1)]
         try:

@@ -127,7 +127,7 @@ def fill_outbox(database: OutboxDatabase, bodies: list[dict[str, Any]]) -> None:
     before = database.count()
 
     async def insert() -> None:
-        engine = create_engine(database.url)
+        engine = create_engine(database.url, timeout_seconds=2.0)
         try:
             store = OutboxStore(engine)
             for start in range(0, len(bodies), 500):

@@ -45,7 +45,7 @@ def _set_revision(database: OutboxDatabase, revision: str) -> None:
     """Make the database say its schema is at `revision` (as if migrated by another version)."""
 
     async def update() -> None:
-        engine = create_engine(database.url)
+        engine = create_engine(database.url, timeout_seconds=2.0)
         try:
             async with engine.begin() as connection:
                 statement = text("UPDATE alembic_version SET version_num = :revision")

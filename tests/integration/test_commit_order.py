@@ -58,7 +58,7 @@ def row_values(event: IncomingEvent) -> dict[str, object]:
 async def stores(
     postgres_database: OutboxDatabase,
 ) -> AsyncIterator[tuple[sa.ext.asyncio.AsyncEngine, OutboxStore, DeliveryStore]]:
-    engine = create_engine(postgres_database.url)
+    engine = create_engine(postgres_database.url, timeout_seconds=2.0)
     yield engine, OutboxStore(engine), DeliveryStore(engine)
     await engine.dispose()
 

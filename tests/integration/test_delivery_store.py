@@ -156,7 +156,7 @@ def record(ids: list[int], at: datetime, status: int | None, outcome: str) -> Re
 
 @asynccontextmanager
 async def harness_on(database: OutboxDatabase) -> AsyncIterator[Harness]:
-    engine = create_engine(database.url)
+    engine = create_engine(database.url, timeout_seconds=2.0)
     try:
         yield Harness(OutboxStore(engine), DeliveryStore(engine))
     finally:

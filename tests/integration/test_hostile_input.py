@@ -187,7 +187,7 @@ async def test_nul_deep_in_data_and_in_keys_is_delivered_and_shown_as_sent(
 
 
 async def _drain_once(database: OutboxDatabase, fake: FakeSegment) -> None:
-    engine = create_engine(database.url)
+    engine = create_engine(database.url, timeout_seconds=2.0)
     sender = SegmentSender(fake.base_url, WRITE_KEY, 5.0, max_connections=2)
     try:
         drainer = Drainer(DeliveryStore(engine), sender, ONCE, MappingOptions())
@@ -250,7 +250,7 @@ def _raw_nested(levels: int) -> bytes:
 
 
 async def _store(database: OutboxDatabase, body: dict[str, Any]) -> int:
-    engine = create_engine(database.url)
+    engine = create_engine(database.url, timeout_seconds=2.0)
     try:
         [row] = await OutboxStore(engine).insert_events([incoming(body, datetime.now(UTC))])
     finally:
@@ -260,7 +260,7 @@ async def _store(database: OutboxDatabase, body: dict[str, Any]) -> int:
 
 async def _rewrite(database: OutboxDatabase, row_id: int, **values: str) -> None:
     """Change a stored row by hand, as rows stored before this version could be."""
-    engine = create_engine(database.url)
+    engine = create_engine(database.url, timeout_seconds=2.0)
     json_cast = "CAST(:payload AS json)" if engine.dialect.name == "postgresql" else ":payload"
     assignments = ", ".join(
         f"{name} = {json_cast if name == 'payload' else ':' + name}" for name in values

@@ -99,7 +99,7 @@ async def listening(database: OutboxDatabase) -> AsyncIterator[Heard]:
 
 @pytest.fixture
 async def store(postgres_database: OutboxDatabase) -> AsyncIterator[OutboxStore]:
-    made = OutboxStore(create_engine(postgres_database.url))
+    made = OutboxStore(create_engine(postgres_database.url, timeout_seconds=2.0))
     yield made
     await made.engine.dispose()
 
@@ -196,7 +196,7 @@ async def draining(
     listener: OutboxListener | None,
     config: DrainerConfig = SLOW_POLL,
 ) -> AsyncIterator[Drainer]:
-    engine = create_engine(database.url)
+    engine = create_engine(database.url, timeout_seconds=2.0)
     sender = SegmentSender(fake.base_url, WRITE_KEY, 5.0, max_connections=4)
     drainer = Drainer(
         DeliveryStore(engine), sender, config, MappingOptions(), notifications=listener
@@ -228,7 +228,7 @@ async def until(condition: Callable[[], bool], within: float) -> float:
 async def test_a_notification_wakes_the_drainer_when_the_event_has_settled(
     postgres_database: OutboxDatabase, store: OutboxStore, fake: FakeSegment
 ) -> None:
-    listener = OutboxListener(postgres_database.url)
+    listener = OutboxListener(postgres_database.url, timeout_seconds=2.0)
     async with draining(postgres_database, fake, listener):
         await until(lambda: listener.listening, within=5)
         await anyio.sleep(0.5)  # past the wake-up that follows the LISTEN
@@ -244,7 +244,7 @@ async def test_a_notification_wakes_the_drainer_when_the_event_has_settled(
 async def test_the_listener_reconnects_after_its_connection_is_killed(
     postgres_database: OutboxDatabase, store: OutboxStore
 ) -> None:
-    listener = OutboxListener(postgres_database.url, retry_base_seconds=0.1)
+    listener = OutboxListener(postgres_database.url, timeout_seconds=2.0, retry_base_seconds=0.1)
     commits: list[float] = []
     states: list[bool] = []
     with structlog.testing.capture_logs() as logs:
@@ -271,7 +271,7 @@ async def test_the_listener_reconnects_after_its_connection_is_killed(
 async def test_the_drainer_polls_while_its_listener_is_away(
     postgres_database: OutboxDatabase, store: OutboxStore, fake: FakeSegment
 ) -> None:
-    listener = OutboxListener(postgres_database.url, retry_base_seconds=5.0)
+    listener = OutboxListener(postgres_database.url, timeout_seconds=2.0, retry_base_seconds=5.0)
     # Poll every 50 ms without the listener, every 30 s with it.
     config = replace(SLOW_POLL, poll_seconds=0.05)
     async with draining(postgres_database, fake, listener, config):
@@ -323,7 +323,7 @@ async def test_a_requeued_row_is_delivered_at_once_not_after_a_settle_window(
     await store.insert_events([event(601, received_at=long_ago)])
     async with store.engine.begin() as connection:
         await connection.execute(text("UPDATE outbox SET status = 'dead', last_error = 'refused'"))
-    listener = OutboxListener(postgres_database.url)
+    listener = OutboxListener(postgres_database.url, timeout_seconds=2.0)
     async with draining(postgres_database, fake, listener, replace(SLOW_POLL, settle_seconds=8)):
         await until(lambda: listener.listening, within=5)
         await anyio.sleep(0.5)  # past the claim that follows the LISTEN
@@ -379,7 +379,7 @@ async def test_a_stopping_drainers_rows_go_to_another_drainer_at_once(
         with anyio.fail_after(5):
             while not await held_by_a():
                 await anyio.sleep(0.05)
-        listener = OutboxListener(postgres_database.url)
+        listener = OutboxListener(postgres_database.url, timeout_seconds=2.0)
         async with draining(postgres_database, fake, listener):
             await until(lambda: listener.listening, within=5)
             await anyio.sleep(0.5)  # past the claim that follows the LISTEN: A holds the row

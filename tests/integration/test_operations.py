@@ -54,7 +54,7 @@ async def populated(database: OutboxDatabase) -> AsyncIterator[Populated]:
     """A day in the life: the sample call delivered up to call.hungup (its call.ended missing for
     half an hour), a second call with a dead event and a retry pending, a skipped event, an old
     delivered user event, and a duplicate."""
-    engine = create_engine(database.url)
+    engine = create_engine(database.url, timeout_seconds=2.0)
     outbox, delivery = OutboxStore(engine), DeliveryStore(engine)
     ids: dict[str, int] = {}
     # The old user event first, delivered before the rest is received: on PostgreSQL a claim
@@ -156,7 +156,7 @@ def operations_queries(dialect: str) -> list[str]:
 async def test_every_query_of_the_operations_guide_runs(populated: Populated) -> None:
     database = populated.database
     queries = operations_queries(database.kind)
-    engine = create_engine(database.url)
+    engine = create_engine(database.url, timeout_seconds=2.0)
     results: dict[str, list[dict[str, object]]] = {}
     try:
         async with engine.connect() as connection:
@@ -192,7 +192,7 @@ async def test_every_query_of_the_operations_guide_runs(populated: Populated) ->
 
 
 async def test_inspector_filters_requeue_and_purge(populated: Populated) -> None:
-    engine = create_engine(populated.database.url)
+    engine = create_engine(populated.database.url, timeout_seconds=2.0)
     inspector = OutboxInspector(engine)
     try:
         pending = await inspector.list_events(EventFilter(statuses=("pending",)), limit=10)
@@ -229,7 +229,7 @@ async def test_inspector_filters_requeue_and_purge(populated: Populated) -> None
 
 
 async def test_retention_keeps_dead_and_pending_rows_by_default(populated: Populated) -> None:
-    engine = create_engine(populated.database.url)
+    engine = create_engine(populated.database.url, timeout_seconds=2.0)
     try:
         policy = RetentionPolicy(delivered_days=10, skipped_days=0.01)
         deleted = await purge_once(OutboxInspector(engine), policy, NOW)
@@ -286,7 +286,7 @@ async def test_copy_an_sqlite_outbox_to_postgresql(
 ) -> None:
     """Moving to PostgreSQL: every row, id, status and request comes over, and new receipts
     continue after the largest id."""
-    engine = create_engine(sqlite_database.url)
+    engine = create_engine(sqlite_database.url, timeout_seconds=2.0)
     store, delivery = OutboxStore(engine), DeliveryStore(engine)
     bodies = [body for call in (1, 2) for body in call_lifecycle(call)]
     bodies[0]["data"]["id"] = 2**64 + 3  # a big id keeps its digits across databases
@@ -323,7 +323,7 @@ async def test_copy_an_sqlite_outbox_to_postgresql(
     assert payload[0]["call_id"] == str(2**64 + 3)
     again = run_relay("outbox", "copy", "--from", sqlite_database.url, env=env)
     assert again.returncode == 2 and "already holds" in again.stderr
-    target = create_engine(postgres_database.url)
+    target = create_engine(postgres_database.url, timeout_seconds=2.0)
     try:
         [new] = await OutboxStore(target).insert_events([incoming(sample_body(), NOW)])
     finally:

@@ -30,7 +30,7 @@ def body(event: str, call_id: int) -> dict[str, object]:
 
 
 async def test_an_empty_outbox(database: OutboxDatabase) -> None:
-    engine = create_engine(database.url)
+    engine = create_engine(database.url, timeout_seconds=2.0)
     try:
         gauges = await read_outbox_gauges(engine, NOW)
     finally:
@@ -41,7 +41,7 @@ async def test_an_empty_outbox(database: OutboxDatabase) -> None:
 async def test_the_sqlite_files_filesystem_and_none_on_postgresql(
     database: OutboxDatabase,
 ) -> None:
-    engine = create_engine(database.url)
+    engine = create_engine(database.url, timeout_seconds=2.0)
     try:
         gauges = await read_outbox_gauges(engine, NOW)
     finally:
@@ -81,7 +81,7 @@ async def test_counts_the_oldest_undelivered_and_calls_awaiting_call_ended(
         (body("call.hungup", 3), "pending"),  # call 3: hung up 5 min ago, within the timeout
         (body("call.tagged", 3), "skipped"),
     ]
-    engine = create_engine(database.url)
+    engine = create_engine(database.url, timeout_seconds=2.0)
     try:
         store = OutboxStore(engine)
         stored = await store.insert_events(
@@ -120,7 +120,7 @@ async def test_the_searches_for_hung_up_calls_read_the_partial_index(
     spells the event as the index's own literal: a bound parameter would scan the outbox."""
     from relay.db.delivery import DeliveryStore
 
-    engine = create_engine(sqlite_database.url)
+    engine = create_engine(sqlite_database.url, timeout_seconds=2.0)
     searches: list[tuple[str, object]] = []
 
     def capture(_conn: object, _cursor: object, statement: str, parameters: object, *_: object):

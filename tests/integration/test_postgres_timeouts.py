@@ -55,14 +55,18 @@ async def test_the_receivers_and_drainers_statements_and_lock_waits_are_bounded(
         assert await _show(engine, "statement_timeout") == "30s"
     assert await _show(build_store(settings).engine, "lock_timeout") == "1500ms"
     # The operator's commands and migrations: no statement timeout, whatever the server's.
-    unbounded = create_engine(postgres_database.url, statement_timeout_seconds=None)
+    unbounded = create_engine(
+        postgres_database.url, timeout_seconds=2.0, statement_timeout_seconds=None
+    )
     assert await _show(unbounded, "statement_timeout") == "0"
 
 
 async def test_a_statement_over_the_limit_is_cancelled_by_the_server(
     postgres_database: OutboxDatabase,
 ) -> None:
-    engine = create_engine(postgres_database.url, statement_timeout_seconds=0.2)
+    engine = create_engine(
+        postgres_database.url, timeout_seconds=2.0, statement_timeout_seconds=0.2
+    )
     try:
         async with engine.connect() as connection:
             with pytest.raises(sa_exc.DBAPIError, match="statement timeout") as raised:
@@ -98,7 +102,9 @@ def _body(call: int, event: str, timestamp: int) -> dict[str, object]:
 async def test_a_cancelled_write_of_the_receiver_stores_nothing_and_the_next_one_does(
     postgres_database: OutboxDatabase,
 ) -> None:
-    engine = create_engine(postgres_database.url, statement_timeout_seconds=0.3)
+    engine = create_engine(
+        postgres_database.url, timeout_seconds=2.0, statement_timeout_seconds=0.3
+    )
     store = OutboxStore(engine)
     events = [incoming_event(_body(1, "call.created", 1_773_000_000), datetime.now(UTC))]
     try:
@@ -118,7 +124,9 @@ async def test_a_cancelled_write_of_the_receiver_stores_nothing_and_the_next_one
 async def test_a_claim_cancelled_by_the_statement_timeout_is_retried_and_delivers_once(
     postgres_database: OutboxDatabase, fake: FakeSegment
 ) -> None:
-    engine = create_engine(postgres_database.url, statement_timeout_seconds=0.3)
+    engine = create_engine(
+        postgres_database.url, timeout_seconds=2.0, statement_timeout_seconds=0.3
+    )
     received = datetime.now(UTC) - timedelta(seconds=10)  # settled
     bodies = [
         _body(call, event, 1_773_000_000 + rank)

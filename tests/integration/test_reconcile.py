@@ -66,7 +66,7 @@ def aircall() -> Iterator[FakeAircall]:
 
 @pytest.fixture
 async def store(database: OutboxDatabase) -> AsyncIterator[ReconcileStore]:
-    engine = create_engine(database.url)
+    engine = create_engine(database.url, timeout_seconds=2.0)
     yield ReconcileStore(engine)
     await engine.dispose()
 
@@ -334,7 +334,7 @@ async def test_several_drainers_and_a_reconcile_at_once_send_one_call_ended_per_
     database = postgres_database
     calls = sample_calls(150, start=START)
     aircall.add_calls(calls)
-    engine = create_engine(database.url)
+    engine = create_engine(database.url, timeout_seconds=2.0)
     store = ReconcileStore(engine)
     bodies = [body for call in calls for body in webhooks_of(call, ("call.hungup", "call.ended"))]
     random.Random(12).shuffle(bodies)

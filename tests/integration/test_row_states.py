@@ -36,7 +36,7 @@ class Rows:
 
 @pytest.fixture
 async def rows(database: OutboxDatabase) -> Rows:
-    engine = create_engine(database.url)
+    engine = create_engine(database.url, timeout_seconds=2.0)
     outbox, delivery = OutboxStore(engine), DeliveryStore(engine)
     received = NOW - timedelta(minutes=5)
     stored = await outbox.insert_events(

@@ -41,7 +41,10 @@ def fake() -> Iterator[FakeSegment]:
 @pytest.fixture
 async def drainers(database: OutboxDatabase) -> AsyncIterator[tuple[DeliveryStore, ...]]:
     """Two drainers' stores, each on an engine (and connections) of its own."""
-    engines = [create_engine(database.url), create_engine(database.url)]
+    engines = [
+        create_engine(database.url, timeout_seconds=2.0),
+        create_engine(database.url, timeout_seconds=2.0),
+    ]
     stores = tuple(DeliveryStore(engine) for engine in engines)
     yield stores
     for store, engine in zip(stores, engines, strict=True):
@@ -50,7 +53,7 @@ async def drainers(database: OutboxDatabase) -> AsyncIterator[tuple[DeliveryStor
 
 
 async def execute(database: OutboxDatabase, sql: str, **params: Any) -> None:
-    engine = create_engine(database.url)
+    engine = create_engine(database.url, timeout_seconds=2.0)
     try:
         async with engine.begin() as connection:
             await connection.execute(sa.text(sql), params)

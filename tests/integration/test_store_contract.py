@@ -105,7 +105,7 @@ class Stores:
 
 @pytest.fixture
 async def stores(database: OutboxDatabase) -> AsyncIterator[Stores]:
-    engine = create_engine(database.url)
+    engine = create_engine(database.url, timeout_seconds=2.0)
     store = OutboxStore(engine)
     yield Stores(database, store)
     await store.close_writer()
@@ -268,7 +268,10 @@ async def test_two_stores_racing_on_one_event_make_one_row_and_one_first_receipt
     """Two receivers (two engines, two connections) take the same webhook at the same moment,
     many times over: each event has one row counted twice, and exactly one of the two answers
     says it was new."""
-    engines = [create_engine(database.url), create_engine(database.url)]
+    engines = [
+        create_engine(database.url, timeout_seconds=2.0),
+        create_engine(database.url, timeout_seconds=2.0),
+    ]
     racers = [OutboxStore(engine) for engine in engines]
     events = [incoming(call_event("call.ringing_on_agent", 5_200_000_000 + n)) for n in range(20)]
     outcomes: dict[int, list[StoredEvent]] = {}
@@ -345,7 +348,7 @@ async def test_schema_state_of_an_unreachable_database_says_so_without_raising(
         url = f"sqlite+aiosqlite:///{tmp_path}"  # a directory: SQLite cannot open it
     else:
         url = "postgresql+asyncpg://postgres@127.0.0.1:1/nothing"  # nothing listens on port 1
-    engine = create_engine(url)
+    engine = create_engine(url, timeout_seconds=2.0)
     try:
         state = await OutboxStore(engine).schema_state()
     finally:

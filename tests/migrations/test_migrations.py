@@ -215,7 +215,7 @@ def test_0005_swaps_the_event_index_for_a_partial_one_and_keeps_rows(
 
 def _check_constraints(url: str) -> set[str]:
     async def names() -> set[str]:
-        engine = create_engine(url)
+        engine = create_engine(url, timeout_seconds=2.0)
         try:
             async with engine.connect() as connection:
                 found = await connection.run_sync(

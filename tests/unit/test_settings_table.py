@@ -14,6 +14,8 @@ import pytest
 
 import relay
 from relay.aircall_api import AircallApi
+from relay.db.engine import create_engine
+from relay.db.notify import OutboxListener, listener_for
 from relay.drainer.config import DrainerConfig
 from relay.drainer.retention import RetentionPolicy
 from relay.settings import DEFAULTS, SPECS, Settings, fed_by, load_settings
@@ -79,6 +81,17 @@ def test_a_component_states_no_default_of_a_setting(component: type[Any]) -> Non
             )
     for name, setting in declared.items():
         assert getattr(component(), name) == getattr(DEFAULTS, setting)
+
+
+@pytest.mark.parametrize(
+    "function", [create_engine, listener_for, OutboxListener], ids=lambda f: f.__name__
+)
+def test_the_database_layer_states_no_default_of_the_database_timeout(function: Any) -> None:
+    """The engines and the listener take RELAY_DATABASE_TIMEOUT_SECONDS from their caller: a
+    default of their own would be that setting's default stated a second time (and `migrate`
+    once ignored the setting because of it)."""
+    parameter = inspect.signature(function).parameters["timeout_seconds"]
+    assert parameter.default is inspect.Parameter.empty
 
 
 def test_the_settings_table_is_the_settings_object() -> None:

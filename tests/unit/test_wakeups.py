@@ -48,8 +48,8 @@ async def test_a_moment_in_the_past_wakes_at_once() -> None:
 
 
 def test_only_postgresql_gets_a_listener() -> None:
-    assert listener_for("sqlite:///data/outbox.sqlite3") is None
-    assert listener_for("postgresql://relay@db.internal/relay") is not None
+    assert listener_for("sqlite:///data/outbox.sqlite3", timeout_seconds=2.0) is None
+    assert listener_for("postgresql://relay@db.internal/relay", timeout_seconds=2.0) is not None
     assert connect_arguments("postgresql://relay:pw@db.internal:6432/relay?ssl=require") == {
         "host": "db.internal",
         "port": 6432,
