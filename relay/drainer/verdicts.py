@@ -8,7 +8,7 @@ table. How long a retry waits, and when a row is given up, is `policy.py`.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from relay.db.delivery import RequestRecord, RetryRows
@@ -51,6 +51,17 @@ class Verdicts:
     random: Callable[[], float]
     base_url: str  # where requests go, for the logs
     resend: Callable[[list[Prepared]], Awaitable[bool]]  # a half of a split batch, on its own
+    # The method for each verdict, bound once rather than for every request.
+    _handlers: dict[Verdict, Callable[[Answered], Awaitable[bool]]] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._handlers = {
+            Verdict.DELIVERED: self._delivered,
+            Verdict.REJECTED: self._rejected,
+            Verdict.RATE_LIMITED: self._rate_limited,
+            Verdict.CONFIGURATION: self._configuration,
+            Verdict.RETRY: self._transient,
+        }
 
     async def judge(
         self,
@@ -88,14 +99,7 @@ class Verdicts:
         }
         if result.status is None:  # no answer: say where it went (a wrong URL shows here)
             fields["segment_base_url"] = self.base_url
-        handlers = {
-            Verdict.DELIVERED: self._delivered,
-            Verdict.REJECTED: self._rejected,
-            Verdict.RATE_LIMITED: self._rate_limited,
-            Verdict.CONFIGURATION: self._configuration,
-            Verdict.RETRY: self._transient,
-        }
-        return await handlers[verdict](Answered(items, record, result, fields))
+        return await self._handlers[verdict](Answered(items, record, result, fields))
 
     async def _delivered(self, answered: Answered) -> bool:
         record = answered.record
