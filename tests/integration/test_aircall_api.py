@@ -47,11 +47,22 @@ def clock() -> ManualClock:
     return ManualClock()
 
 
+def fake_aircall(
+    clock: ManualClock, requests_per_minute: int | None = None, **options: Any
+) -> FakeAircall:
+    """The fake Aircall with the test's credentials and clock."""
+    return FakeAircall(
+        api_id=API_ID,
+        api_token=API_TOKEN,
+        requests_per_minute=requests_per_minute,
+        clock=clock,
+        **options,
+    )
+
+
 @pytest.fixture
 def fake(clock: ManualClock) -> Iterator[FakeAircall]:
-    with FakeAircall(
-        api_id=API_ID, api_token=API_TOKEN, requests_per_minute=None, clock=clock
-    ) as server:
+    with fake_aircall(clock) as server:
         yield server
 
 
@@ -168,13 +179,7 @@ async def test_the_limiter_spaces_requests_at_the_rate(
 
 
 async def test_the_default_rate_is_60_a_minute_then_what_the_api_states(clock: ManualClock) -> None:
-    with FakeAircall(
-        api_id=API_ID,
-        api_token=API_TOKEN,
-        requests_per_minute=120,
-        limit_headers="always",
-        clock=clock,
-    ) as fake:
+    with fake_aircall(clock, 120, limit_headers="always") as fake:
         async with api_for(fake, clock, requests_per_minute=None) as api:
             assert api.limiter.requests_per_minute == 60
             for _ in range(3):
@@ -184,13 +189,7 @@ async def test_the_default_rate_is_60_a_minute_then_what_the_api_states(clock: M
 
 
 async def test_an_explicit_rate_is_a_cap_the_api_does_not_raise(clock: ManualClock) -> None:
-    with FakeAircall(
-        api_id=API_ID,
-        api_token=API_TOKEN,
-        requests_per_minute=120,
-        limit_headers="always",
-        clock=clock,
-    ) as fake:
+    with fake_aircall(clock, 120, limit_headers="always") as fake:
         async with api_for(fake, clock, requests_per_minute=30) as api:
             await api.webhooks()
             assert api.limiter.requests_per_minute == 30
@@ -198,9 +197,7 @@ async def test_an_explicit_rate_is_a_cap_the_api_does_not_raise(clock: ManualClo
 
 async def test_a_429_waits_for_retry_after_then_goes_on(clock: ManualClock) -> None:
     calls = sample_calls(400, start=START, spacing=1)
-    with FakeAircall(
-        api_id=API_ID, api_token=API_TOKEN, requests_per_minute=3, clock=clock
-    ) as fake:
+    with fake_aircall(clock, 3) as fake:
         fake.add_calls(calls)
         async with api_for(fake, clock) as api:  # no pacing of its own
             got = await all_calls(api, START, START + 400)
@@ -212,13 +209,7 @@ async def test_a_429_waits_for_retry_after_then_goes_on(clock: ManualClock) -> N
 
 
 async def test_remaining_and_reset_headers_hold_requests_before_a_429(clock: ManualClock) -> None:
-    with FakeAircall(
-        api_id=API_ID,
-        api_token=API_TOKEN,
-        requests_per_minute=2,
-        limit_headers="always",
-        clock=clock,
-    ) as fake:
+    with fake_aircall(clock, 2, limit_headers="always") as fake:
         async with api_for(fake, clock) as api:
             for _ in range(3):
                 await api.webhooks()
