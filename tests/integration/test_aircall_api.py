@@ -67,11 +67,15 @@ def fake(clock: ManualClock) -> Iterator[FakeAircall]:
 
 
 def api_for(
-    fake: FakeAircall, clock: ManualClock, requests_per_minute: float | None = 0, **options: Any
+    server: FakeAircall | str,
+    clock: ManualClock,
+    requests_per_minute: float | None = 0,
+    **options: Any,
 ) -> AircallApi:
+    """A client of `server` (the fake, or a base URL) whose waits all go through `clock`."""
     limiter = RateLimiter(requests_per_minute, clock=clock, wall_clock=clock, sleep=clock.sleep)
     return AircallApi(
-        fake.base_url,
+        server if isinstance(server, str) else server.base_url,
         options.pop("api_id", API_ID),
         options.pop("api_token", API_TOKEN),
         limiter=limiter,
@@ -258,15 +262,7 @@ async def test_no_answer_at_all_is_a_clear_error(clock: ManualClock) -> None:
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))
         port = unused.getsockname()[1]
-    limiter = RateLimiter(0, clock=clock, wall_clock=clock, sleep=clock.sleep)
-    async with AircallApi(
-        f"http://127.0.0.1:{port}",
-        API_ID,
-        API_TOKEN,
-        limiter=limiter,
-        sleep=clock.sleep,
-        max_retries=1,
-    ) as api:
+    async with api_for(f"http://127.0.0.1:{port}", clock, max_retries=1) as api:
         with pytest.raises(AircallApiError, match=r"no answer from .* after 2 attempts"):
             await api.webhooks()
 
