@@ -152,10 +152,9 @@ def _print_text(health: WebhookHealth, reactivated: list[WebhookState], out: Tex
         print("  ".join([*cells, row[4]]).rstrip(), file=out)
     for hook in reactivated:
         print(_reactivated_line(hook), file=out)
-    by_label = health.active_by_label()
-    missing_labels = [label for label, active in by_label.items() if not active]
+    missing_labels = health.labels_without_active_webhook()
     if not missing_labels:
-        print(f"Every label has an active webhook: {', '.join(by_label)}.", file=out)
+        print(f"Every label has an active webhook: {', '.join(health.labels)}.", file=out)
         return
     for label in missing_labels:
         if any(hook.label == label for hook in health.webhooks):

@@ -33,8 +33,6 @@ import bisect
 import hmac
 import json
 import math
-import signal
-import sys
 import threading
 import time
 import uuid
@@ -47,6 +45,7 @@ import orjson
 
 from relay.aircall import KNOWN_EVENTS
 from relay.testing.sample_payloads import sample_payload
+from relay.testing.serve_fake import serve_until_signalled
 
 MAX_PER_PAGE: Final[int] = 50
 DEFAULT_PER_PAGE: Final[int] = 20
@@ -398,20 +397,11 @@ def run_from_cli(args: argparse.Namespace) -> int:
         requests_per_minute=args.requests_per_minute or None,
     )
     fake.add_calls(sample_calls(args.calls, start=int(time.time()) - args.calls * 60))
-    try:
-        fake.start()
-    except OSError as error:
-        print(f"fake-aircall: cannot listen on {args.host}:{args.port}: {error}", file=sys.stderr)
-        return 1
-    stop = threading.Event()
-    for signal_number in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signal_number, lambda *_: stop.set())
-    print(f"fake-aircall listening on {fake.base_url}", flush=True)
-    for spec in args.webhooks:
-        url, _, token = spec.rpartition("=")
-        webhook = fake.add_webhook(url, token, active=not args.inactive)
-        print(f"webhook {webhook['webhook_id']} {url}", flush=True)
-    while not stop.wait(1.0):
-        pass
-    fake.stop()
-    return 0
+
+    def add_webhooks() -> None:
+        for spec in args.webhooks:
+            url, _, token = spec.rpartition("=")
+            webhook = fake.add_webhook(url, token, active=not args.inactive)
+            print(f"webhook {webhook['webhook_id']} {url}", flush=True)
+
+    return serve_until_signalled(fake, "fake-aircall", args.host, args.port, add_webhooks)

@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import json
 import select
-import signal
 import socket
 import socketserver
 import struct
@@ -41,6 +40,7 @@ from relay.testing.fake_segment_faults import (
     reason_phrase,
 )
 from relay.testing.fake_segment_rules import BATCH_PATH, FakeSegmentOptions, SourceConfig, analyze
+from relay.testing.serve_fake import serve_until_signalled
 
 CONTROL_PREFIX: Final = "/__fake/"
 _POLL_SECONDS: Final = 0.05
@@ -323,16 +323,4 @@ def run_from_cli(args: argparse.Namespace) -> int:
         keep_request_bodies=args.keep_request_bodies,
     )
     fake = FakeSegment(options, host=args.host, port=args.port)
-    try:
-        fake.start()
-    except OSError as error:
-        print(f"fake-segment: cannot listen on {args.host}:{args.port}: {error}", file=sys.stderr)
-        return 1
-    stop = threading.Event()
-    for signal_number in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signal_number, lambda *_: stop.set())
-    print(f"fake-segment listening on {fake.base_url}", flush=True)
-    while not stop.wait(1.0):
-        pass
-    fake.stop()
-    return 0
+    return serve_until_signalled(fake, "fake-segment", args.host, args.port)

@@ -47,20 +47,35 @@ def clock() -> ManualClock:
     return ManualClock()
 
 
+def fake_aircall(
+    clock: ManualClock, requests_per_minute: int | None = None, **options: Any
+) -> FakeAircall:
+    """The fake Aircall with the test's credentials and clock."""
+    return FakeAircall(
+        api_id=API_ID,
+        api_token=API_TOKEN,
+        requests_per_minute=requests_per_minute,
+        clock=clock,
+        **options,
+    )
+
+
 @pytest.fixture
 def fake(clock: ManualClock) -> Iterator[FakeAircall]:
-    with FakeAircall(
-        api_id=API_ID, api_token=API_TOKEN, requests_per_minute=None, clock=clock
-    ) as server:
+    with fake_aircall(clock) as server:
         yield server
 
 
 def api_for(
-    fake: FakeAircall, clock: ManualClock, requests_per_minute: float | None = 0, **options: Any
+    server: FakeAircall | str,
+    clock: ManualClock,
+    requests_per_minute: float | None = 0,
+    **options: Any,
 ) -> AircallApi:
+    """A client of `server` (the fake, or a base URL) whose waits all go through `clock`."""
     limiter = RateLimiter(requests_per_minute, clock=clock, wall_clock=clock, sleep=clock.sleep)
     return AircallApi(
-        fake.base_url,
+        server if isinstance(server, str) else server.base_url,
         options.pop("api_id", API_ID),
         options.pop("api_token", API_TOKEN),
         limiter=limiter,
@@ -168,13 +183,7 @@ async def test_the_limiter_spaces_requests_at_the_rate(
 
 
 async def test_the_default_rate_is_60_a_minute_then_what_the_api_states(clock: ManualClock) -> None:
-    with FakeAircall(
-        api_id=API_ID,
-        api_token=API_TOKEN,
-        requests_per_minute=120,
-        limit_headers="always",
-        clock=clock,
-    ) as fake:
+    with fake_aircall(clock, 120, limit_headers="always") as fake:
         async with api_for(fake, clock, requests_per_minute=None) as api:
             assert api.limiter.requests_per_minute == 60
             for _ in range(3):
@@ -184,13 +193,7 @@ async def test_the_default_rate_is_60_a_minute_then_what_the_api_states(clock: M
 
 
 async def test_an_explicit_rate_is_a_cap_the_api_does_not_raise(clock: ManualClock) -> None:
-    with FakeAircall(
-        api_id=API_ID,
-        api_token=API_TOKEN,
-        requests_per_minute=120,
-        limit_headers="always",
-        clock=clock,
-    ) as fake:
+    with fake_aircall(clock, 120, limit_headers="always") as fake:
         async with api_for(fake, clock, requests_per_minute=30) as api:
             await api.webhooks()
             assert api.limiter.requests_per_minute == 30
@@ -198,9 +201,7 @@ async def test_an_explicit_rate_is_a_cap_the_api_does_not_raise(clock: ManualClo
 
 async def test_a_429_waits_for_retry_after_then_goes_on(clock: ManualClock) -> None:
     calls = sample_calls(400, start=START, spacing=1)
-    with FakeAircall(
-        api_id=API_ID, api_token=API_TOKEN, requests_per_minute=3, clock=clock
-    ) as fake:
+    with fake_aircall(clock, 3) as fake:
         fake.add_calls(calls)
         async with api_for(fake, clock) as api:  # no pacing of its own
             got = await all_calls(api, START, START + 400)
@@ -212,13 +213,7 @@ async def test_a_429_waits_for_retry_after_then_goes_on(clock: ManualClock) -> N
 
 
 async def test_remaining_and_reset_headers_hold_requests_before_a_429(clock: ManualClock) -> None:
-    with FakeAircall(
-        api_id=API_ID,
-        api_token=API_TOKEN,
-        requests_per_minute=2,
-        limit_headers="always",
-        clock=clock,
-    ) as fake:
+    with fake_aircall(clock, 2, limit_headers="always") as fake:
         async with api_for(fake, clock) as api:
             for _ in range(3):
                 await api.webhooks()
@@ -267,15 +262,7 @@ async def test_no_answer_at_all_is_a_clear_error(clock: ManualClock) -> None:
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))
         port = unused.getsockname()[1]
-    limiter = RateLimiter(0, clock=clock, wall_clock=clock, sleep=clock.sleep)
-    async with AircallApi(
-        f"http://127.0.0.1:{port}",
-        API_ID,
-        API_TOKEN,
-        limiter=limiter,
-        sleep=clock.sleep,
-        max_retries=1,
-    ) as api:
+    async with api_for(f"http://127.0.0.1:{port}", clock, max_retries=1) as api:
         with pytest.raises(AircallApiError, match=r"no answer from .* after 2 attempts"):
             await api.webhooks()
 
