@@ -166,7 +166,7 @@ RELAY_LAYERS: list[tuple[str, str]] = [  # (pattern in a frame, layer), innermos
     ("relay/logs.py", "structured log line"),
     ("prometheus_client/", "metrics"),
     ("relay/receiver/metrics.py", "metrics"),
-    ("relay/receiver/tokens.py", "token check"),
+    ("relay/settings/tokens.py", "token check"),
     ("relay/aircall.py", "JSON parse, envelope, dedup key"),
     ("relay/json_text.py", "JSON parse, envelope, dedup key"),
     ("relay/receiver/batcher.py", "hand-off to the writer (batcher, row)"),

@@ -1,7 +1,7 @@
 """Which of Aircall's webhooks are the relay's, and whether they work: each webhook Aircall lists
-is matched to a label of `RELAY_AIRCALL_TOKENS` by its token, in constant time (the SHA-256 of
-the given token is compared with that of *every* configured token with `hmac.compare_digest`,
-as the receiver does), and the forwarded events it does not subscribe to are named.
+is matched to a label of `RELAY_AIRCALL_TOKENS` by its token, in constant time (with
+`relay.settings.tokens.TokenTable`, the receiver's own check), and the forwarded events it does
+not subscribe to are named.
 
 Used by `aircall-relay aircall webhooks` and the drainer's probe. Tokens stay inside this module:
 what it returns carries labels, ids, URLs and events, never a token.
@@ -9,14 +9,13 @@ what it returns carries labels, ids, URLs and events, never a token.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from relay.aircall import KNOWN_EVENTS
 from relay.settings import AircallToken
+from relay.settings.tokens import TokenTable
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,20 +61,6 @@ class WebhookHealth:
         return [hook for hook in self.webhooks if hook.label is not None and not hook.active]
 
 
-def _digest(token: str) -> bytes:
-    return hashlib.sha256(token.encode()).digest()
-
-
-def label_of(token: str, configured: Sequence[tuple[str, bytes]]) -> str | None:
-    """The label whose token is `token`; every entry is compared, in constant time each."""
-    given = _digest(token)
-    found: str | None = None
-    for label, digest in configured:
-        if hmac.compare_digest(given, digest):
-            found = label
-    return found
-
-
 def webhook_health(
     webhooks: Iterable[dict[str, Any]],
     tokens: Sequence[AircallToken],
@@ -83,7 +68,7 @@ def webhook_health(
 ) -> WebhookHealth:
     """Match `webhooks` (as `AircallApi.webhooks` returns them) to the configured `tokens`;
     `forwarded` is RELAY_FORWARD_EVENTS (None: every event, taken as every known one)."""
-    configured = [(token.label, _digest(token.token.reveal())) for token in tokens]
+    configured = TokenTable(tokens)
     wanted = KNOWN_EVENTS if forwarded is None else forwarded
     states = []
     for hook in webhooks:
@@ -94,7 +79,7 @@ def webhook_health(
                 custom_name=hook.get("custom_name"),
                 url=hook["url"],
                 active=hook["active"],
-                label=label_of(hook["token"], configured),
+                label=configured.label_for(hook["token"]),
                 events=events,
                 missing_events=tuple(sorted(wanted - set(events))),
             )

@@ -25,7 +25,6 @@ from relay.db.store import IncomingEvent, OutboxStore, StoredEvent, row_specific
 from relay.logs import get_logger
 from relay.receiver.batcher import BatcherUnavailable, CommitBatcher
 from relay.receiver.metrics import ReceiverMetrics
-from relay.receiver.tokens import TokenTable
 from relay.receiver.webhook import (
     Answer,
     BodyTooLarge,
@@ -34,6 +33,7 @@ from relay.receiver.webhook import (
     wait_unless_disconnected,
 )
 from relay.settings import Settings
+from relay.settings.tokens import TokenTable
 
 RETRY_AFTER_SECONDS = "5"
 

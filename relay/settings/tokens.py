@@ -1,4 +1,5 @@
-"""Which Aircall webhook sent a body: its token, compared in constant time.
+"""Which label of `RELAY_AIRCALL_TOKENS` a token is: the receiver's check of each webhook's
+token, and the match of Aircall's listed webhooks to labels (`relay.aircall_api.webhooks`).
 
 The given token is hashed and compared with the SHA-256 of every configured token, all of them,
 with `hmac.compare_digest`: the time taken depends neither on how much of a token matched nor on
@@ -11,7 +12,7 @@ import hashlib
 import hmac
 from collections.abc import Iterable
 
-from relay.settings import AircallToken
+from relay.settings.values import AircallToken
 
 
 class TokenTable:
