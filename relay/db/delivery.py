@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from relay.db.claim import RELEASE_EXPIRED_EVERY, ClaimedEvent, ClaimOrder, ClaimPlanner
 from relay.db.delivery_sql import Statements
 from relay.db.engine import not_abandoned, writer
+from relay.db.gauges import BACKLOG_COUNTS
 from relay.db.notify import notify_statement
 from relay.db.reconcile import SkipRule, skip_second_call_ended
 from relay.db.send_budget import BudgetStatements, SendLimits, TakenBudget
@@ -393,17 +394,9 @@ class DeliveryStore:
         ]
 
     async def backlog(self) -> Backlog:
-        statement = sa.select(
-            sa.func.count().filter(outbox.c.status == "pending").label("pending"),
-            sa.func.count().filter(outbox.c.status == "delivering").label("delivering"),
-            sa.func.count().filter(outbox.c.status == "dead").label("dead"),
-            sa.func.min(outbox.c.received_at)
-            .filter(outbox.c.status.in_(("pending", "delivering")))
-            .label("oldest"),
-        ).where(outbox.c.status.in_(("pending", "delivering", "dead")))
         with not_abandoned(self.engine):
             async with self.engine.connect() as connection:
-                row = (await connection.execute(statement)).one()
+                row = (await connection.execute(BACKLOG_COUNTS)).one()
         return Backlog(
             pending=int(row.pending),
             delivering=int(row.delivering),
