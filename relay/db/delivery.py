@@ -388,7 +388,7 @@ class DeliveryStore:
         return [
             AwaitingCallEnded(
                 ordering_key=row.ordering_key,
-                hungup_received_at=_as_datetime(row.received_at),
+                hungup_received_at=utc_datetime(row.received_at),
             )
             for row in rows
         ]
@@ -401,7 +401,7 @@ class DeliveryStore:
             pending=int(row.pending),
             delivering=int(row.delivering),
             dead=int(row.dead),
-            oldest_pending_received_at=None if row.oldest is None else _as_datetime(row.oldest),
+            oldest_pending_received_at=None if row.oldest is None else utc_datetime(row.oldest),
         )
 
     async def next_due(self) -> tuple[datetime | None, datetime | None]:
@@ -414,8 +414,8 @@ class DeliveryStore:
                 row = (await connection.execute(statement)).one()
         received, retry = row
         return (
-            None if received is None else _as_datetime(received),
-            None if retry is None else _as_datetime(retry),
+            None if received is None else utc_datetime(received),
+            None if retry is None else utc_datetime(retry),
         )
 
 
@@ -427,7 +427,3 @@ class DeliveryStore:
 #   were claimed, are still cached when they are recorded (a claim reads a few MB of pages).
 # (What each saves: docs/performance.md, the drainer.)
 _SQLITE_WRITER_PRAGMAS: tuple[str, ...] = ("PRAGMA temp_store=MEMORY", "PRAGMA cache_size=-16384")
-
-
-def _as_datetime(value: Any) -> datetime:
-    return utc_datetime(value)
