@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from relay.db.claim import RELEASE_EXPIRED_EVERY, ClaimedEvent, ClaimOrder, ClaimPlanner
 from relay.db.delivery_sql import Statements
 from relay.db.engine import not_abandoned, writer
+from relay.db.gauges import BACKLOG_COUNTS
 from relay.db.notify import notify_statement
 from relay.db.reconcile import SkipRule, skip_second_call_ended
 from relay.db.send_budget import BudgetStatements, SendLimits, TakenBudget
@@ -387,28 +388,20 @@ class DeliveryStore:
         return [
             AwaitingCallEnded(
                 ordering_key=row.ordering_key,
-                hungup_received_at=_as_datetime(row.received_at),
+                hungup_received_at=utc_datetime(row.received_at),
             )
             for row in rows
         ]
 
     async def backlog(self) -> Backlog:
-        statement = sa.select(
-            sa.func.count().filter(outbox.c.status == "pending").label("pending"),
-            sa.func.count().filter(outbox.c.status == "delivering").label("delivering"),
-            sa.func.count().filter(outbox.c.status == "dead").label("dead"),
-            sa.func.min(outbox.c.received_at)
-            .filter(outbox.c.status.in_(("pending", "delivering")))
-            .label("oldest"),
-        ).where(outbox.c.status.in_(("pending", "delivering", "dead")))
         with not_abandoned(self.engine):
             async with self.engine.connect() as connection:
-                row = (await connection.execute(statement)).one()
+                row = (await connection.execute(BACKLOG_COUNTS)).one()
         return Backlog(
             pending=int(row.pending),
             delivering=int(row.delivering),
             dead=int(row.dead),
-            oldest_pending_received_at=None if row.oldest is None else _as_datetime(row.oldest),
+            oldest_pending_received_at=None if row.oldest is None else utc_datetime(row.oldest),
         )
 
     async def next_due(self) -> tuple[datetime | None, datetime | None]:
@@ -421,8 +414,8 @@ class DeliveryStore:
                 row = (await connection.execute(statement)).one()
         received, retry = row
         return (
-            None if received is None else _as_datetime(received),
-            None if retry is None else _as_datetime(retry),
+            None if received is None else utc_datetime(received),
+            None if retry is None else utc_datetime(retry),
         )
 
 
@@ -434,7 +427,3 @@ class DeliveryStore:
 #   were claimed, are still cached when they are recorded (a claim reads a few MB of pages).
 # (What each saves: docs/performance.md, the drainer.)
 _SQLITE_WRITER_PRAGMAS: tuple[str, ...] = ("PRAGMA temp_store=MEMORY", "PRAGMA cache_size=-16384")
-
-
-def _as_datetime(value: Any) -> datetime:
-    return utc_datetime(value)

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -73,6 +73,17 @@ def sqlite_filesystem_space(engine: AsyncEngine) -> FilesystemSpace | None:
     )
 
 
+# SQL: the rows not yet delivered and the dead rows, counted (`pending`, `delivering`, `dead`),
+# and the earliest receipt of the undelivered ones (`oldest`); answered from
+# `ix_outbox_status_id`. The gauges' and the drainer's backlog (`DeliveryStore.backlog`).
+BACKLOG_COUNTS: Final = sa.select(
+    *(sa.func.count().filter(outbox.c.status == status).label(status) for status in GAUGE_STATUSES),
+    sa.func.min(outbox.c.received_at)
+    .filter(outbox.c.status.in_(("pending", "delivering")))
+    .label("oldest"),
+).where(outbox.c.status.in_(GAUGE_STATUSES))
+
+
 def count_calls_awaiting_call_ended(received_before: datetime) -> sa.Select[Any]:
     """SQL: how many calls hung up before the cut-off still have no `call.ended`."""
     return sa.select(sa.func.count(sa.distinct(outbox.c.ordering_key))).where(
@@ -83,16 +94,8 @@ def count_calls_awaiting_call_ended(received_before: datetime) -> sa.Select[Any]
 async def read_outbox_gauges(engine: AsyncEngine, awaiting_before: datetime) -> OutboxGauges:
     """The gauges now; `awaiting_before` is the cut-off of `call.hungup` receipts (now minus
     `RELAY_CALL_ENDED_TIMEOUT_SECONDS`), as the drainer's `call_ended_missing` check uses."""
-    undelivered = ("pending", "delivering")
-    counts = sa.select(
-        *(
-            sa.func.count().filter(outbox.c.status == status).label(status)
-            for status in GAUGE_STATUSES
-        ),
-        sa.func.min(outbox.c.received_at).filter(outbox.c.status.in_(undelivered)).label("oldest"),
-    ).where(outbox.c.status.in_(GAUGE_STATUSES))
     async with engine.connect() as connection:
-        row = (await connection.execute(counts)).one()
+        row = (await connection.execute(BACKLOG_COUNTS)).one()
         calls = await connection.scalar(count_calls_awaiting_call_ended(awaiting_before))
         run = await last_run(connection)
     return OutboxGauges(

@@ -20,7 +20,7 @@ written by `aircall.payload_json` (compact JSON through orjson). No per-row work
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -171,9 +171,7 @@ class OutboxInsert:
             raw = driver_connection(connection)
             raw.executemany(self.sql, rows)
             select, keys = self.select_outcomes([row[_DEDUP_KEY] for row in rows])
-            return {
-                key: (row_id, n, status) for row_id, key, n, status in raw.execute(select, keys)
-            }
+            return outcomes_by_key(raw.execute(select, keys))
 
         return work
 
@@ -200,6 +198,12 @@ class OutboxInsert:
     def postgres_parameters(self, rows: list[tuple[Any, ...]]) -> tuple[list[Any], ...]:
         """The statement's parameters: one array per column."""
         return tuple(list(column) for column in zip(*rows, strict=True))
+
+
+def outcomes_by_key(returned: Iterable[Any]) -> Outcomes:
+    """The upsert's outcomes by dedup key, from the rows it returned (or the SQLite `SELECT` of
+    them read back): each (id, dedup_key, received_count, status), `_OUTCOME_COLUMNS`."""
+    return {key: (row_id, count, status) for row_id, key, count, status in returned}
 
 
 def new_pending_rows(rows: list[tuple[Any, ...]], returned: Sequence[Any]) -> int:

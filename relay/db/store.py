@@ -19,7 +19,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from relay.db.engine import writer
 from relay.db.errors import error_message, row_specific_error, sqlstate
 from relay.db.notify import notify_statement
-from relay.db.outbox_insert import IncomingEvent, OutboxInsert, Outcomes, new_pending_rows
+from relay.db.outbox_insert import (
+    IncomingEvent,
+    OutboxInsert,
+    Outcomes,
+    new_pending_rows,
+    outcomes_by_key,
+)
 from relay.db.sqlite_writer import SqliteWriter
 from relay.db.tables import outbox
 
@@ -129,7 +135,7 @@ class OutboxStore:
                     await connection.exec_driver_sql(sql, notify_parameters)
             else:
                 result = await insert.write_sqlite_async(connection, rows)
-            return {row[1]: (row[0], row[2], row[3]) for row in result}
+            return outcomes_by_key(result)
 
     def _sqlite_batch_writer(self) -> SqliteWriter | None:
         """The SQLite file's writer (None elsewhere)."""
