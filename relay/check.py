@@ -14,9 +14,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final, Literal
 
-from relay.db.engine import create_engine, describe_url
+from relay.compose import build_store
+from relay.db.engine import describe_url
 from relay.db.migrate import head_revision, known_revisions
-from relay.db.store import OutboxStore, SchemaState
+from relay.db.store import SchemaState
 from relay.settings import Settings, SettingsError
 
 EXIT_READY: Final[int] = 0
@@ -118,7 +119,7 @@ class Report:
 
 async def read_schema_state(settings: Settings) -> SchemaState:
     """Whether the database answers, and its schema's revision (a connection of its own)."""
-    store = OutboxStore(create_engine(settings.database_url, settings.database_timeout_seconds))
+    store = build_store(settings)
     try:
         return await store.schema_state()
     finally:

@@ -20,9 +20,7 @@ from collections.abc import Sequence
 from relay import __version__, daemons
 from relay.aircall_cli import add_aircall_commands, run_aircall_command
 from relay.check import ROLES, NotReady, check, require_schema_at_head, unreadable_settings
-from relay.compose import (
-    setup_logging,
-)
+from relay.compose import setup_logging, setup_logging_to_stderr
 from relay.daemons import build_settings
 from relay.db import DatabaseError
 from relay.db.engine import describe_url, is_sqlite, sqlite_path
@@ -87,14 +85,14 @@ def command_run(args: argparse.Namespace) -> int:
 def command_outbox(args: argparse.Namespace) -> int:
     settings = build_settings(args)
     # The command's output is on stdout (tables, JSON): logs go to stderr.
-    configure_logging(settings.log_format, "warning", settings.secrets(), stream=sys.stderr)
+    setup_logging_to_stderr(settings)
     return run_outbox_command(args, settings)
 
 
 def command_aircall(args: argparse.Namespace) -> int:
     settings = build_settings(args)
     # The command's output is on stdout (a table, JSON): logs go to stderr.
-    configure_logging(settings.log_format, "warning", settings.secrets(), stream=sys.stderr)
+    setup_logging_to_stderr(settings)
     return run_aircall_command(args, settings)
 
 
@@ -122,7 +120,7 @@ def command_reconcile(args: argparse.Namespace) -> int:
     settings = build_settings(args)
     settings.require_aircall_api()  # else exit 2, the message naming the settings
     # The report is on stdout, the progress and the logs on stderr.
-    configure_logging(settings.log_format, "warning", settings.secrets(), stream=sys.stderr)
+    setup_logging_to_stderr(settings)
     asyncio.run(require_schema_at_head(settings))
     return run_reconcile(args, settings)
 
@@ -136,7 +134,7 @@ def command_check(args: argparse.Namespace) -> int:
         report = unreadable_settings(args.role, error)
     else:
         # The report is on stdout: logs (libraries' warnings) go to stderr.
-        configure_logging(settings.log_format, "warning", settings.secrets(), stream=sys.stderr)
+        setup_logging_to_stderr(settings)
         report = asyncio.run(check(settings, args.role))
     print(json.dumps(report.as_json()) if args.json else report.as_text())
     return report.exit_code

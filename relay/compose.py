@@ -9,6 +9,7 @@ loading.
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
@@ -43,6 +44,12 @@ log = get_logger("relay.compose")
 
 def setup_logging(settings: Settings) -> None:
     configure_logging(settings.log_format, settings.log_level, secrets=settings.secrets())
+
+
+def setup_logging_to_stderr(settings: Settings) -> None:
+    """For a command whose output is on stdout (a table, JSON, a report): its logs, warnings
+    and above, go to stderr."""
+    configure_logging(settings.log_format, "warning", settings.secrets(), stream=sys.stderr)
 
 
 def build_store(settings: Settings) -> OutboxStore:

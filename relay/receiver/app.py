@@ -217,14 +217,15 @@ async def handle_webhook(
 
     forward = state.settings.forwards(envelope.event)
     dedup_key = envelope.dedup_key
+    resource_id = envelope.resource_id  # a property that reads `data.id` each time
     incoming = IncomingEvent(
         dedup_key=dedup_key,
         message_id=aircall.message_id_for(dedup_key),
         source=source,
         resource=envelope.resource,
         event=envelope.event,
-        resource_id=envelope.resource_id,
-        ordering_key=aircall.ordering_key(envelope.resource, envelope.resource_id, dedup_key),
+        resource_id=resource_id,
+        ordering_key=aircall.ordering_key(envelope.resource, resource_id, dedup_key),
         occurred_at=envelope.occurred_at,
         received_at=None,  # stamped by the write, on the database's clock
         payload=envelope.payload,
