@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -157,10 +158,13 @@ def service_user() -> Iterator[tuple[Path, dict[str, Any]]]:
     relay runs as `nobody`; otherwise as the current user."""
     directory = Path(tempfile.mkdtemp(prefix="relay-recovery-"))  # not under pytest's 0700 dir
     options: dict[str, Any] = {}
+    opened: list[tuple[Path, int]] = []
     try:
         if os.geteuid() == 0:
             options = {"user": NOBODY, "group": NOBODY, "extra_groups": []}
             os.chown(directory, NOBODY, NOBODY)
+            for folder in (Path(RELAY).parent, Path(sys.executable).resolve().parent):
+                opened += _let_others_through(folder)
             probe = subprocess.run(
                 [RELAY, "--version"], capture_output=True, text=True, check=False, **options
             )
@@ -169,6 +173,21 @@ def service_user() -> Iterator[tuple[Path, dict[str, Any]]]:
         yield directory, options
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+        for folder, mode in reversed(opened):
+            folder.chmod(mode)
+
+
+def _let_others_through(folder: Path) -> list[tuple[Path, int]]:
+    """Let other users traverse (o+x, not list) each folder from / down to `folder` that they
+    cannot, so that `nobody` reaches the virtualenv of a checkout made in a private folder
+    (`mktemp -d` makes it 0700); returns what to restore, outermost first."""
+    changed = []
+    for ancestor in [*reversed(folder.resolve().parents), folder.resolve()]:
+        mode = stat.S_IMODE(ancestor.stat().st_mode)
+        if not mode & stat.S_IXOTH:
+            ancestor.chmod(mode | stat.S_IXOTH)
+            changed.append((ancestor, mode))
+    return changed
 
 
 def chmod_all(directory: Path, mode: int) -> None:
